@@ -1,0 +1,1 @@
+"""The `codi` command line."""

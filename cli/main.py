@@ -1,0 +1,20 @@
+"""`codi`: distil Stable Diffusion into fast conditional generators (CoDi)."""
+
+import typer
+
+app = typer.Typer(
+    name="codi",
+    help="CoDi: distil Stable Diffusion into a fast conditional generator (1-4 steps).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """CoDi: distil Stable Diffusion into a fast conditional generator (1-4 steps)."""
+
+
+if __name__ == "__main__":
+    app()

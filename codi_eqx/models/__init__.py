@@ -1,0 +1,1 @@
+"""The Stable Diffusion models as Equinox modules (one example in, channels first)."""

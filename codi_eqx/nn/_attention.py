@@ -1,0 +1,93 @@
+"""Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._layers import GroupNorm, Linear
+
+
+class Attention(eqx.Module):
+    """Scaled dot-product attention over a token sequence, fused where the backend allows.
+
+    Used as self-attention (`encoder_hidden_states=None`) or cross-attention. With `group_norm`
+    (the VAE's mid-block attention), the input is a feature map `(C, H, W)`: it is normalised,
+    attended over its `H*W` positions, and added back to the input (`residual_connection`).
+    """
+
+    to_q: Linear
+    to_k: Linear
+    to_v: Linear
+    to_out: tuple[Linear]
+    group_norm: Optional[GroupNorm]
+    heads: int = eqx.field(static=True)
+    upcast_attention: bool = eqx.field(static=True)
+    residual_connection: bool = eqx.field(static=True)
+    rescale_output_factor: float = eqx.field(static=True)
+
+    def __init__(
+        self, query_dim: int, *, heads: int, dim_head: int,
+        cross_attention_dim: Optional[int] = None, bias: bool = False,
+        upcast_attention: bool = False, norm_num_groups: Optional[int] = None,
+        eps: float = 1e-5, residual_connection: bool = False,
+        rescale_output_factor: float = 1.0, dtype=jnp.float32, key: PRNGKeyArray,
+    ):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, key=kq)
+        self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, key=kk)
+        self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, key=kv)
+        self.to_out = (Linear(inner, query_dim, use_bias=True, dtype=dtype, key=ko),)
+        self.group_norm = (
+            GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype)
+            if norm_num_groups is not None else None
+        )
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+
+    def attend(
+        self, x: Float[Array, "seq dim"], context: Optional[Float[Array, "ctx cdim"]] = None
+    ) -> Float[Array, "seq dim"]:
+        """Attention on a token sequence (no normalisation, no residual)."""
+        context = x if context is None else context
+        q = self.to_q(x)
+        k = self.to_k(context)
+        v = self.to_v(context)
+        n = self.heads
+        q = q.reshape(q.shape[0], n, -1)
+        k = k.reshape(k.shape[0], n, -1)
+        v = v.reshape(v.shape[0], n, -1)
+        dtype = q.dtype
+        if self.upcast_attention:
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v)
+        out = out.astype(dtype).reshape(out.shape[0], -1)
+        return self.to_out[0](out)
+
+    @jax.named_scope("codi_eqx.Attention")
+    def __call__(
+        self, hidden_states: Float[Array, "..."],
+        encoder_hidden_states: Optional[Float[Array, "ctx cdim"]] = None,
+    ) -> Float[Array, "..."]:
+        residual = hidden_states
+        if hidden_states.ndim == 3:
+            c, h, w = hidden_states.shape
+            if self.group_norm is not None:
+                hidden_states = self.group_norm(hidden_states)
+            tokens = hidden_states.reshape(c, h * w).T
+            out = self.attend(tokens, encoder_hidden_states).T.reshape(c, h, w)
+        else:
+            if self.group_norm is not None:
+                raise ValueError("Attention with group_norm expects a (C, H, W) feature map")
+            out = self.attend(hidden_states, encoder_hidden_states)
+        if self.residual_connection:
+            out = out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out

@@ -1,0 +1,13 @@
+"""PyTorch / diffusers / transformers checkpoints <-> Equinox parameters."""
+
+from ._diffusers import TensorSource as TensorSource
+from ._diffusers import find_weight_files as find_weight_files
+from ._diffusers import read_config as read_config
+from ._diffusers import read_tensors as read_tensors
+from ._errors import WeightsError as WeightsError
+from ._mapping import NameMap as NameMap
+from ._mapping import export_state as export_state
+from ._mapping import load_state as load_state
+from ._mapping import module_keys as module_keys
+from ._safetensors import SafetensorsFile as SafetensorsFile
+from ._safetensors import save_file as save_file

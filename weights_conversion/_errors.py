@@ -1,0 +1,2 @@
+class WeightsError(ValueError):
+    """A weight file or directory that cannot be read as asked; the message names the problem."""
