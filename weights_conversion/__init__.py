@@ -11,3 +11,10 @@ from ._mapping import load_state as load_state
 from ._mapping import module_keys as module_keys
 from ._safetensors import SafetensorsFile as SafetensorsFile
 from ._safetensors import save_file as save_file
+from .unet import CONTROLNET_NAME_MAP as CONTROLNET_NAME_MAP
+from .unet import UNET_NAME_MAP as UNET_NAME_MAP
+from .unet import load_adapter as load_adapter
+from .unet import load_controlnet as load_controlnet
+from .unet import load_unet as load_unet
+from .unet import save_adapter as save_adapter
+from .unet import save_unet as save_unet

@@ -1,1 +1,11 @@
 """The Stable Diffusion models as Equinox modules (one example in, channels first)."""
+
+from ._clip import CLIPTextConfig as CLIPTextConfig
+from ._clip import CLIPTextModel as CLIPTextModel
+from ._controlnet import ControlNetConfig as ControlNetConfig
+from ._controlnet import ControlNetModel as ControlNetModel
+from ._unet import UNet2DConditionConfig as UNet2DConditionConfig
+from ._unet import UNet2DConditionModel as UNet2DConditionModel
+from ._vae import AutoencoderKL as AutoencoderKL
+from ._vae import AutoencoderKLConfig as AutoencoderKLConfig
+from ._vae import DiagonalGaussianDistribution as DiagonalGaussianDistribution

@@ -1,0 +1,277 @@
+"""The adapter: a ControlNet built from the UNet's encoder half (diffusers' `ControlNetModel`).
+
+With every zero convolution at zero, UNet + adapter computes exactly what the UNet computes,
+so distillation starts from the teacher. `conditioning_channels=None` gives an adapter with no
+condition image (plain text-to-image acceleration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..nn import Conv2d
+from ._unet import (
+    UNet2DConditionConfig,
+    UNet2DConditionModel,
+    _down_blocks,
+    _mid_block,
+    check_supported,
+)
+from ._unet_blocks import (
+    DownBlock2D,
+    TimestepEmbedding,
+    UNetMidBlock2DCrossAttn,
+    timestep_embedding,
+)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """The adapter's hyperparameters: the UNet's encoder half plus the condition encoder."""
+
+    unet: UNet2DConditionConfig
+    """The encoder-half hyperparameters, shared with the UNet the adapter was made from."""
+    conditioning_channels: Optional[int] = 3
+    """Channels of the condition image; `None` for an adapter without a condition image."""
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    """Channels of the condition encoder's stages (each after the first halves the size)."""
+    controlnet_conditioning_channel_order: str = "rgb"
+    """`rgb`, or `bgr` to flip the condition image's channels first."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ControlNetConfig":
+        """From diffusers' ControlNet `config.json` (or this project's adapter config)."""
+        check_supported(d, "ControlNet")
+        if d.get("global_pool_conditions", False):
+            raise ValueError("ControlNet config: global_pool_conditions=True is not supported")
+        order = d.get("controlnet_conditioning_channel_order", "rgb")
+        if order not in ("rgb", "bgr"):
+            raise ValueError(f"ControlNet config: unknown channel order {order!r} (rgb or bgr)")
+        ups = tuple(
+            "CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D"
+            for t in reversed(d.get("down_block_types", UNet2DConditionConfig.down_block_types))
+        )
+        unet = UNet2DConditionConfig.from_dict({**d, "up_block_types": list(ups)})
+        channels = d.get("conditioning_channels", 3)
+        return cls(
+            unet=unet,
+            conditioning_channels=channels,
+            conditioning_embedding_out_channels=tuple(
+                d.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+            ),
+            controlnet_conditioning_channel_order=order,
+        )
+
+    def to_dict(self) -> dict:
+        """A diffusers-compatible ControlNet `config.json` dict (`conditioning_channels` may
+        be null: this project's adapter without a condition image)."""
+        u = self.unet.to_dict()
+        keep = [
+            "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
+            "only_cross_attention", "block_out_channels", "layers_per_block",
+            "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups",
+            "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+            "attention_head_dim", "num_attention_heads", "use_linear_projection",
+            "upcast_attention", "mid_block_type", "sample_size",
+        ]
+        d = {"_class_name": "ControlNetModel", **{k: u[k] for k in keep}}
+        d["conditioning_channels"] = self.conditioning_channels
+        d["conditioning_embedding_out_channels"] = list(self.conditioning_embedding_out_channels)
+        d["controlnet_conditioning_channel_order"] = self.controlnet_conditioning_channel_order
+        d["global_pool_conditions"] = False
+        return d
+
+    def replace(self, **kwargs) -> "ControlNetConfig":
+        return dataclasses.replace(self, **kwargs)
+
+
+class ControlNetConditioningEmbedding(eqx.Module):
+    """The condition-image encoder: conv + SiLU stages down to latent resolution, then a
+    zero-initialised `conv_out` to the UNet's first block width."""
+
+    conv_in: Conv2d
+    blocks: tuple[Conv2d, ...]
+    conv_out: Conv2d
+
+    def __init__(
+        self, embedding_channels: int, conditioning_channels: int,
+        block_out_channels: tuple[int, ...], *, dtype=jnp.float32, key: PRNGKeyArray,
+    ):
+        k_in, *k_blocks = jax.random.split(key, 1 + 2 * (len(block_out_channels) - 1))
+        self.conv_in = Conv2d(conditioning_channels, block_out_channels[0], 3, padding=1, dtype=dtype, key=k_in)
+        blocks = []
+        for i in range(len(block_out_channels) - 1):
+            cin, cout = block_out_channels[i], block_out_channels[i + 1]
+            blocks.append(Conv2d(cin, cin, 3, padding=1, dtype=dtype, key=k_blocks[2 * i]))
+            blocks.append(Conv2d(cin, cout, 3, padding=1, stride=2, dtype=dtype, key=k_blocks[2 * i + 1]))
+        self.blocks = tuple(blocks)
+        self.conv_out = Conv2d(
+            block_out_channels[-1], embedding_channels, 3, padding=1, zero_init=True,
+            dtype=dtype, key=k_in,
+        )
+
+    def __call__(self, cond: Float[Array, "cc H W"]) -> Float[Array, "c h w"]:
+        x = jax.nn.silu(self.conv_in(cond))
+        for conv in self.blocks:
+            x = jax.nn.silu(conv(x))
+        return self.conv_out(x)
+
+
+def _zero_convs(cfg: UNet2DConditionConfig, *, dtype) -> tuple[Conv2d, ...]:
+    channels = [cfg.block_out_channels[0]]
+    for i, c in enumerate(cfg.block_out_channels):
+        channels += [c] * cfg.layers_per_block[i]
+        if i < cfg.num_blocks - 1:
+            channels.append(c)
+    key = jax.random.key(0)  # unused: zero-initialised
+    return tuple(Conv2d(c, c, 1, zero_init=True, dtype=dtype, key=key) for c in channels)
+
+
+class ControlNetModel(eqx.Module):
+    """A copy of the UNet's encoder half whose outputs, through zero convolutions, become
+    residuals for the UNet's skip connections and mid block."""
+
+    conv_in: Conv2d
+    time_embedding: TimestepEmbedding
+    controlnet_cond_embedding: Optional[ControlNetConditioningEmbedding]
+    down_blocks: tuple[DownBlock2D, ...]
+    controlnet_down_blocks: tuple[Conv2d, ...]
+    mid_block: UNetMidBlock2DCrossAttn
+    controlnet_mid_block: Conv2d
+    config: ControlNetConfig = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
+
+    def __init__(
+        self, config: ControlNetConfig, *, dtype=jnp.float32, remat: bool = False,
+        key: PRNGKeyArray,
+    ):
+        cfg = config.unet
+        k_in, k_t, k_cond, k_down, k_mid = jax.random.split(key, 5)
+        c0 = cfg.block_out_channels[0]
+        self.conv_in = Conv2d(
+            cfg.in_channels, c0, cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2,
+            dtype=dtype, key=k_in,
+        )
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, key=k_t)
+        self.controlnet_cond_embedding = (
+            ControlNetConditioningEmbedding(
+                c0, config.conditioning_channels, config.conditioning_embedding_out_channels,
+                dtype=dtype, key=k_cond,
+            )
+            if config.conditioning_channels is not None else None
+        )
+        self.down_blocks = _down_blocks(cfg, dtype=dtype, key=k_down)
+        self.controlnet_down_blocks = _zero_convs(cfg, dtype=dtype)
+        self.mid_block = _mid_block(cfg, dtype=dtype, key=k_mid)
+        c = cfg.block_out_channels[-1]
+        self.controlnet_mid_block = Conv2d(c, c, 1, zero_init=True, dtype=dtype, key=k_mid)
+        self.config = config
+        self.remat = remat
+
+    @classmethod
+    def from_unet(
+        cls, unet: UNet2DConditionModel, *, conditioning_channels: Optional[int] = 3,
+        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+        controlnet_conditioning_channel_order: str = "rgb", key: PRNGKeyArray,
+    ) -> "ControlNetModel":
+        """A new adapter: `conv_in`, time embedding, down blocks and mid block copied from
+        `unet`; zero convolutions and the condition encoder's output conv at zero; the rest of
+        the condition encoder randomly initialised from `key`. Parameters are float32 copies
+        (trainable master weights), whatever the UNet's dtype."""
+        config = ControlNetConfig(
+            unet=unet.config,
+            conditioning_channels=conditioning_channels,
+            conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+        )
+        # Build only what is new; the copied parts replace the template's placeholders.
+        template = eqx.filter_eval_shape(
+            lambda: cls(config, dtype=jnp.float32, remat=unet.remat, key=key)
+        )
+        f32 = lambda tree: jax.tree.map(  # noqa: E731
+            lambda a: jnp.asarray(a, jnp.float32) if eqx.is_inexact_array(a) else a, tree
+        )
+        cfg = unet.config
+        cond = (
+            ControlNetConditioningEmbedding(
+                cfg.block_out_channels[0], conditioning_channels,
+                tuple(conditioning_embedding_out_channels), dtype=jnp.float32, key=key,
+            )
+            if conditioning_channels is not None else None
+        )
+        c = cfg.block_out_channels[-1]
+        zero_mid = Conv2d(c, c, 1, zero_init=True, dtype=jnp.float32, key=key)
+        return eqx.tree_at(
+            lambda m: (
+                m.conv_in, m.time_embedding, m.down_blocks, m.mid_block,
+                m.controlnet_cond_embedding, m.controlnet_down_blocks, m.controlnet_mid_block,
+            ),
+            template,
+            (
+                f32(unet.conv_in), f32(unet.time_embedding), f32(unet.down_blocks),
+                f32(unet.mid_block), cond, _zero_convs(cfg, dtype=jnp.float32), zero_mid,
+            ),
+            is_leaf=lambda x: x is None,
+        )
+
+    @property
+    def dtype(self):
+        return self.conv_in.weight.dtype
+
+    @jax.named_scope("codi_eqx.ControlNetModel")
+    def __call__(
+        self,
+        sample: Float[Array, "c h w"],
+        timestep: Union[Float[Array, ""], jax.Array, float, int],
+        encoder_hidden_states: Float[Array, "seq d"],
+        controlnet_cond: Optional[Float[Array, "cc H W"]] = None,
+        *,
+        conditioning_scale: Union[float, Float[Array, ""]] = 1.0,
+    ) -> tuple[tuple[Float[Array, "..."], ...], Float[Array, "..."]]:
+        """Arguments:
+            sample: noisy latents `(C, h, w)`.
+            timestep: a scalar timestep.
+            encoder_hidden_states: text embeddings `(L, D)`.
+            controlnet_cond: the condition image `(3, 8h, 8w)` in [0, 1]; required when the
+                adapter has a condition encoder, refused when it has none.
+            conditioning_scale: multiplies every residual.
+
+        Returns:
+            `(down_residuals, mid_residual)` for `UNet2DConditionModel.__call__`.
+        """
+        cfg = self.config.unet
+        if (controlnet_cond is None) != (self.controlnet_cond_embedding is None):
+            raise ValueError(
+                "this adapter needs a condition image" if controlnet_cond is None
+                else "this adapter has no condition encoder: pass controlnet_cond=None"
+            )
+        context = encoder_hidden_states.astype(self.dtype)
+        emb = timestep_embedding(
+            timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        )
+        temb = self.time_embedding(emb.astype(self.dtype))
+        x = self.conv_in(sample)
+        if self.controlnet_cond_embedding is not None:
+            cond = controlnet_cond
+            if self.config.controlnet_conditioning_channel_order == "bgr":
+                cond = cond[::-1]
+            x = x + self.controlnet_cond_embedding(cond.astype(self.dtype))
+        skips = [x]
+        for block in self.down_blocks:
+            x, outs = block(x, temb, context, remat=self.remat)
+            skips.extend(outs)
+        x = self.mid_block(x, temb, context, remat=self.remat)
+        down = tuple(
+            conv(s) * jnp.asarray(conditioning_scale, self.dtype)
+            for conv, s in zip(self.controlnet_down_blocks, skips)
+        )
+        mid = self.controlnet_mid_block(x) * jnp.asarray(conditioning_scale, self.dtype)
+        return down, mid

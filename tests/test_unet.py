@@ -1,0 +1,233 @@
+"""UNet and adapter parity against diffusers (PyTorch, CPU) on tiny random configs."""
+
+import copy
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel as TorchControlNet
+
+from codi_eqx.models import ControlNetModel, UNet2DConditionModel
+from tiny_models import SD1_UNET, SD2_UNET, make_unet, randomize_
+from weights_conversion import (
+    WeightsError,
+    load_adapter,
+    load_unet,
+    save_adapter,
+    save_file,
+    save_unet,
+)
+from weights_conversion._safetensors import SafetensorsFile
+
+FAMILIES = {"sd1": SD1_UNET, "sd2": SD2_UNET}
+B, H, W, L = 2, 8, 12, 7  # batch, non-square latents, text length
+
+
+def _rel(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def _inputs(cross_dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((B, 4, H, W)).astype(np.float32)
+    t = np.array([10, 731], np.int64)
+    ehs = rng.standard_normal((B, L, cross_dim)).astype(np.float32)
+    cond = rng.uniform(0, 1, (B, 3, 8 * H, 8 * W)).astype(np.float32)
+    return sample, t, ehs, cond
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    cfg = FAMILIES[name]
+    folder = tmp_path_factory.mktemp(name) / "unet"
+    torch_unet = make_unet(cfg, seed=1)
+    torch_unet.save_pretrained(folder, safe_serialization=True)
+    return name, cfg, torch_unet, folder
+
+
+def _run_unet(unet, sample, t, ehs, down=None, mid=None):
+    def one(x, ti, e, d, m):
+        return unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+
+    return eqx.filter_jit(jax.vmap(one))(jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), down, mid)
+
+
+def test_unet_parity(family):
+    name, cfg, torch_unet, folder = family
+    sample, t, ehs, _ = _inputs(cfg["cross_attention_dim"])
+    with torch.no_grad():
+        ref = torch_unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs)).sample.numpy()
+    unet = load_unet(folder)
+    out = _run_unet(unet, sample, t, ehs)
+    err = _rel(out, ref)
+    print(f"[parity] UNet {name} fp32: max|ours-theirs|/max|theirs| = {err:.2e}")
+    assert err <= 1e-4
+
+    unet16 = load_unet(folder, dtype=jnp.bfloat16)
+    out16 = _run_unet(unet16, sample, t, ehs)
+    assert out16.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(out16)))
+    err16 = _rel(out16.astype(jnp.float32), out)
+    print(f"[parity] UNet {name} bf16 vs fp32: {err16:.2e}")
+    assert err16 <= 3e-2
+
+
+@pytest.mark.parametrize("with_cond", [True, False])
+def test_unet_with_diffusers_controlnet(family, with_cond, tmp_path):
+    name, cfg, torch_unet, folder = family
+    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=1)
+    tcn = TorchControlNet.from_unet(torch_unet, conditioning_channels=3).eval()
+    randomize_(tcn, seed=7)
+    if not with_cond:
+        # A condition encoder whose output is exactly zero stands for "no condition image".
+        with torch.no_grad():
+            tcn.controlnet_cond_embedding.conv_out.weight.zero_()
+            tcn.controlnet_cond_embedding.conv_out.bias.zero_()
+    with torch.no_grad():
+        down, mid = tcn(
+            torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
+            controlnet_cond=torch.from_numpy(cond), conditioning_scale=0.7, return_dict=False,
+        )
+        ref = torch_unet(
+            torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample.numpy()
+    cn_dir = tmp_path / "controlnet"
+    tcn.save_pretrained(cn_dir, safe_serialization=True)
+    if not with_cond:
+        f = SafetensorsFile(cn_dir / "diffusion_pytorch_model.safetensors")
+        kept = {k: np.array(f[k]) for k in f if not k.startswith("controlnet_cond_embedding.")}
+        save_file(kept, cn_dir / "diffusion_pytorch_model.safetensors")
+        config = json.loads((cn_dir / "config.json").read_text())
+        config["conditioning_channels"] = None
+        (cn_dir / "config.json").write_text(json.dumps(config))
+    adapter = load_adapter(cn_dir)
+    assert (adapter.controlnet_cond_embedding is None) == (not with_cond)
+    unet = load_unet(folder)
+
+    def one(x, ti, e, c):
+        d, m = adapter(x, ti, e, c if with_cond else None, conditioning_scale=0.7)
+        return d, m, unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+
+    d_ours, m_ours, out = eqx.filter_jit(jax.vmap(one))(
+        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
+    )
+    errs = [_rel(a, b.numpy()) for a, b in zip(d_ours, down)]
+    err_mid = _rel(m_ours, mid.numpy())
+    err = _rel(out, ref)
+    label = "with" if with_cond else "without"
+    print(
+        f"[parity] ControlNet {name} {label} condition: residuals max {max(errs):.2e}, "
+        f"mid {err_mid:.2e}; UNet+residuals {err:.2e}"
+    )
+    assert max(errs) <= 1e-4 and err_mid <= 1e-4 and err <= 1e-4
+
+
+@pytest.mark.parametrize("channels", [3, None])
+def test_fresh_adapter_leaves_unet_unchanged(family, channels):
+    name, cfg, _, folder = family
+    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=2)
+    unet = load_unet(folder)
+    adapter = ControlNetModel.from_unet(unet, conditioning_channels=channels, key=jax.random.key(3))
+    # The copied encoder is the UNet's own.
+    assert bool(jnp.all(adapter.conv_in.weight == unet.conv_in.weight))
+
+    def one(x, ti, e, c):
+        d, m = adapter(x, ti, e, c if channels else None)
+        return unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+
+    with_adapter = eqx.filter_jit(jax.vmap(one))(
+        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
+    )
+    alone = _run_unet(unet, sample, t, ehs)
+    np.testing.assert_array_equal(np.asarray(with_adapter), np.asarray(alone))
+
+
+def test_adapter_save_load_round_trip(family, tmp_path):
+    _, _, _, folder = family
+    unet = load_unet(folder)
+    for channels in (3, None):
+        adapter = ControlNetModel.from_unet(unet, conditioning_channels=channels, key=jax.random.key(0))
+        save_adapter(adapter, tmp_path / f"a{channels}")
+        back = load_adapter(tmp_path / f"a{channels}")
+        assert eqx.tree_equal(adapter, back)
+
+
+def test_adapter_with_condition_loads_in_diffusers(family, tmp_path):
+    _, cfg, _, folder = family
+    unet = load_unet(folder)
+    adapter = ControlNetModel.from_unet(unet, conditioning_channels=3, key=jax.random.key(0))
+    save_adapter(adapter, tmp_path / "a")
+    tcn = TorchControlNet.from_pretrained(tmp_path / "a")
+    assert tcn.config.conditioning_channels == 3
+
+
+def test_unet_save_load_round_trip(family, tmp_path):
+    _, _, _, folder = family
+    unet = load_unet(folder)
+    save_unet(unet, tmp_path / "u")
+    assert eqx.tree_equal(unet, load_unet(tmp_path / "u"))
+
+
+def _rewrite(folder, edit):
+    path = folder / "diffusion_pytorch_model.safetensors"
+    f = SafetensorsFile(path)
+    tensors = {k: np.array(f[k]) for k in f}
+    del f
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_loading_errors_name_the_tensor(family, tmp_path):
+    _, _, _, folder = family
+    unet = load_unet(folder)
+    victim = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"
+
+    save_unet(unet, tmp_path / "missing")
+    _rewrite(tmp_path / "missing", lambda t: t.pop(victim))
+    with pytest.raises(WeightsError, match="missing.*" + victim.replace(".", r"\.")):
+        load_unet(tmp_path / "missing")
+
+    save_unet(unet, tmp_path / "extra")
+    _rewrite(tmp_path / "extra", lambda t: t.__setitem__("surprise.weight", np.zeros(3, np.float32)))
+    with pytest.raises(WeightsError, match=r"unexpected.*surprise\.weight"):
+        load_unet(tmp_path / "extra")
+
+    save_unet(unet, tmp_path / "shape")
+    _rewrite(tmp_path / "shape", lambda t: t.__setitem__("conv_in.bias", np.zeros(5, np.float32)))
+    with pytest.raises(WeightsError, match=r"wrong shape.*conv_in\.bias \(5,\) \(expected \(32,\)\)"):
+        load_unet(tmp_path / "shape")
+
+
+def test_fp16_variant_loads_into_float32(family, tmp_path):
+    _, _, torch_unet, folder = family
+    copy.deepcopy(torch_unet).half().save_pretrained(
+        tmp_path / "u16", safe_serialization=True, variant="fp16"
+    )
+    assert (tmp_path / "u16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    unet = load_unet(tmp_path / "u16", dtype=jnp.float32)
+    assert unet.conv_in.weight.dtype == jnp.float32
+    ref = load_unet(folder)
+    np.testing.assert_allclose(
+        np.asarray(unet.conv_in.weight), np.asarray(ref.conv_in.weight), rtol=1e-3, atol=1e-3
+    )
+
+
+def test_sharded_checkpoint_loads(family, tmp_path):
+    _, _, torch_unet, folder = family
+    torch_unet.save_pretrained(tmp_path / "sh", safe_serialization=True, max_shard_size="100KB")
+    assert list((tmp_path / "sh").glob("*.index.json"))
+    assert eqx.tree_equal(load_unet(tmp_path / "sh"), load_unet(folder))
+
+
+def test_unet_is_a_pytree_of_the_config(family):
+    _, _, _, folder = family
+    unet = load_unet(folder)
+    assert isinstance(unet, UNet2DConditionModel)
+    assert unet.config.num_attention_heads[0] in (2, 4)
