@@ -72,3 +72,81 @@ def save_unet_dir(unet, folder: Path) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+PIPELINE_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+
+PIPELINE_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=64,
+)
+
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def make_tiny_pipeline(folder: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A complete tiny random Stable Diffusion model in diffusers' directory format: UNet,
+    VAE (downsampling by 8, as SD's), CLIP text encoder, tokenizer, scheduler config."""
+    import diffusers
+    import transformers
+
+    from tiny_tokenizer import write_tiny_clip_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_clip_tokenizer(folder / "tokenizer", model_max_length=16)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    text = transformers.CLIPTextModel(text_config).eval()
+    randomize_(text, seed + 1, scale=0.05)
+    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    unet = make_unet(PIPELINE_UNET, seed + 2)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae = diffusers.AutoencoderKL(**PIPELINE_VAE).eval()
+    randomize_(vae, seed + 3, scale=0.05)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SCHEDULER, "prediction_type": prediction_type})
+    )
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }))
+    return folder

@@ -18,3 +18,9 @@ from .unet import load_controlnet as load_controlnet
 from .unet import load_unet as load_unet
 from .unet import save_adapter as save_adapter
 from .unet import save_unet as save_unet
+from .clip import CLIP_NAME_MAP as CLIP_NAME_MAP
+from .clip import load_text_encoder as load_text_encoder
+from .clip import save_text_encoder as save_text_encoder
+from .vae import VAE_NAME_MAP as VAE_NAME_MAP
+from .vae import load_vae as load_vae
+from .vae import save_vae as save_vae

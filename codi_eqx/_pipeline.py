@@ -1,0 +1,135 @@
+"""Loading a whole Stable Diffusion model: UNet, VAE, text encoder, tokenizer, noise schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+from .diffusion import NoiseSchedule
+from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The components of a Stable Diffusion model. The models are Equinox pytrees; the
+    tokenizer is transformers' `CLIPTokenizer`; `scheduler_config` is the raw
+    `scheduler/scheduler_config.json` and `schedule` the noise schedule built from it."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict
+    schedule: NoiseSchedule
+    path: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for Stable Diffusion)."""
+        return self.vae.config.downsample_factor
+
+    def tokenize(self, prompts: list[str]) -> jnp.ndarray:
+        """Token ids `(B, model_max_length)`, padded and truncated as Stable Diffusion does."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True,
+            max_length=self.tokenizer.model_max_length, return_tensors="np",
+        ).input_ids
+        return jnp.asarray(ids, jnp.int32)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local model directory, or a Hugging Face Hub id resolved through the local cache
+    (nothing is downloaded where the network is closed; the error says so)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if _HUB_ID.match(str(path)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            try:
+                if offline:
+                    raise RuntimeError
+                return Path(snapshot_download(str(path)))
+            except Exception:
+                from weights_conversion import WeightsError
+
+                raise WeightsError(
+                    f"{path}: not a local directory, and not in the Hugging Face cache "
+                    "(download it where the network allows, or pass a local path)"
+                ) from None
+    from weights_conversion import WeightsError
+
+    raise WeightsError(f"{path}: no such model directory")
+
+
+def load_pipeline(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, variant: Optional[str] = None,
+    remat: bool = False,
+) -> Pipeline:
+    """Load a Stable Diffusion model.
+
+    Arguments:
+        path: a diffusers-format model directory (`model_index.json`, `unet/`, `vae/`,
+            `text_encoder/`, `tokenizer/`, `scheduler/`), a directory written by
+            `codi convert-weights`, or a Hub id in the local cache.
+        dtype: parameter dtype of the models (float32, bfloat16, float16).
+        variant: prefer weight files of this variant (`fp16`) where present.
+        remat: rematerialise the UNet's blocks in the backward pass (saves memory).
+
+    Returns:
+        A `Pipeline` with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`,
+        `.scheduler_config` and `.schedule`.
+    """
+    from weights_conversion import WeightsError, load_text_encoder, load_unet, load_vae
+
+    root = resolve_model_path(path)
+    if not root.is_dir():
+        raise WeightsError(f"{root}: not a directory (a single-file checkpoint must be converted "
+                           "first: `codi convert-weights`)")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (root / part).is_dir():
+            raise WeightsError(f"{root}: no {part}/ folder (expected a diffusers-format model directory)")
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(scheduler_file.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{scheduler_file}: not found") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{scheduler_file}: not valid JSON ({e})") from None
+    try:
+        schedule = NoiseSchedule.from_config(scheduler_config)
+    except ValueError as e:
+        raise WeightsError(f"{scheduler_file}: {e}") from None
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    except Exception as e:  # transformers raises many kinds here
+        raise WeightsError(f"{root / 'tokenizer'}: cannot load the tokenizer ({e})") from None
+    return Pipeline(
+        unet=load_unet(root / "unet", dtype=dtype, variant=variant, remat=remat),
+        vae=load_vae(root / "vae", dtype=dtype, variant=variant),
+        text_encoder=load_text_encoder(root / "text_encoder", dtype=dtype, variant=variant),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        schedule=schedule,
+        path=root,
+    )

@@ -1,0 +1,67 @@
+"""`load_pipeline` / `load_adapter` on a complete tiny diffusers-format model directory."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import codi_eqx
+from tiny_models import make_tiny_pipeline
+from weights_conversion import WeightsError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("sd") / "model", prediction_type="v_prediction")
+
+
+def test_load_pipeline_components(model_dir):
+    pipe = codi_eqx.load_pipeline(model_dir)
+    assert isinstance(pipe.unet, codi_eqx.UNet2DConditionModel)
+    assert isinstance(pipe.vae, codi_eqx.AutoencoderKL)
+    assert isinstance(pipe.text_encoder, codi_eqx.CLIPTextModel)
+    assert pipe.prediction_type == "v_prediction"
+    assert pipe.scheduler_config["num_train_timesteps"] == 1000
+    assert pipe.vae_scale_factor == 8
+    ids = pipe.tokenize(["a photo of a cat", ""])
+    assert ids.shape == (2, 16) and ids.dtype == jnp.int32
+    emb = jax.vmap(pipe.text_encoder)(ids)
+    assert emb.shape == (2, 16, 32)
+    image = jnp.zeros((3, 64, 48), jnp.float32)
+    latents = pipe.vae.encode(image).mean
+    assert latents.shape == (4, 8, 6)
+    out = pipe.unet(latents, 10, emb[0])
+    assert out.shape == latents.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_load_pipeline_bf16(model_dir):
+    pipe = codi_eqx.load_pipeline(model_dir, dtype=jnp.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == jnp.bfloat16
+    assert pipe.vae.decoder.conv_out.weight.dtype == jnp.bfloat16
+
+
+def test_load_adapter_and_save(model_dir, tmp_path):
+    pipe = codi_eqx.load_pipeline(model_dir)
+    adapter = codi_eqx.ControlNetModel.from_unet(pipe.unet, key=jax.random.key(0))
+    codi_eqx.save_adapter(adapter, tmp_path / "adapter")
+    back = codi_eqx.load_adapter(tmp_path / "adapter")
+    np.testing.assert_array_equal(
+        np.asarray(back.controlnet_cond_embedding.conv_in.weight),
+        np.asarray(adapter.controlnet_cond_embedding.conv_in.weight),
+    )
+
+
+def test_missing_parts_are_named(model_dir, tmp_path):
+    with pytest.raises(WeightsError, match="no such model directory"):
+        codi_eqx.load_pipeline(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(WeightsError, match="no vae/ folder"):
+        codi_eqx.load_pipeline(broken)
+    with pytest.raises(WeightsError, match="Hugging Face cache"):
+        codi_eqx.load_pipeline("nobody/no-such-model")
+    with pytest.raises(WeightsError, match="not found"):
+        codi_eqx.load_adapter(tmp_path / "no-adapter")
