@@ -16,5 +16,9 @@ def _main() -> None:
     """CoDi: distil Stable Diffusion into a fast conditional generator (1-4 steps)."""
 
 
+from .prepare_data import prepare_data  # noqa: E402
+
+app.command("prepare-data")(prepare_data)
+
 if __name__ == "__main__":
     app()

@@ -48,6 +48,39 @@ class Pipeline:
         return jnp.asarray(ids, jnp.int32)
 
 
+MODEL_FORMAT = "codi-eqx-model"
+"""The `format` of the `codi_eqx.json` at the top of a directory written by `codi convert-weights`."""
+MODEL_FORMAT_VERSION = 1
+MODEL_MANIFEST = "codi_eqx.json"
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def read_manifest(root: str | os.PathLike) -> Optional[dict]:
+    """The `codi_eqx.json` of a converted model directory (None where there is none); a
+    `WeightsError` when it is corrupt, of another format or of a newer version."""
+    from weights_conversion import WeightsError
+
+    path = Path(root) / MODEL_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
+        raise WeightsError(f"{path}: not a {MODEL_FORMAT} manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
+        raise WeightsError(
+            f"{path}: format version {version!r} is newer than this codi-eqx reads "
+            f"({MODEL_FORMAT_VERSION}); upgrade codi-eqx or convert the model again"
+        )
+    if manifest.get("dtype") not in _DTYPES:
+        raise WeightsError(f"{path}: unknown dtype {manifest.get('dtype')!r}")
+    return manifest
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -81,7 +114,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def load_pipeline(
-    path: str | os.PathLike, *, dtype: Any = jnp.float32, variant: Optional[str] = None,
+    path: str | os.PathLike, *, dtype: Any = None, variant: Optional[str] = None,
     remat: bool = False,
 ) -> Pipeline:
     """Load a Stable Diffusion model.
@@ -90,7 +123,8 @@ def load_pipeline(
         path: a diffusers-format model directory (`model_index.json`, `unet/`, `vae/`,
             `text_encoder/`, `tokenizer/`, `scheduler/`), a directory written by
             `codi convert-weights`, or a Hub id in the local cache.
-        dtype: parameter dtype of the models (float32, bfloat16, float16).
+        dtype: parameter dtype of the models (float32, bfloat16, float16); by default the
+            dtype a converted directory stores (loaded without any cast), else float32.
         variant: prefer weight files of this variant (`fp16`) where present.
         remat: rematerialise the UNet's blocks in the backward pass (saves memory).
 
@@ -104,6 +138,15 @@ def load_pipeline(
     if not root.is_dir():
         raise WeightsError(f"{root}: not a directory (a single-file checkpoint must be converted "
                            "first: `codi convert-weights`)")
+    manifest = read_manifest(root)
+    if dtype is None:
+        dtype = _DTYPES[manifest["dtype"]] if manifest else jnp.float32
+    if manifest is not None and not (root / "tokenizer").is_dir():
+        raise WeightsError(
+            f"{root}: no tokenizer/ folder (converted from a single-file checkpoint, which carries "
+            f"none): copy the model family's CLIP tokenizer folder to {root / 'tokenizer'}, or "
+            "convert again with --config pointing to a diffusers model directory that has one"
+        )
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (root / part).is_dir():
             raise WeightsError(f"{root}: no {part}/ folder (expected a diffusers-format model directory)")

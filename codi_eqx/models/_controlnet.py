@@ -261,6 +261,13 @@ class ControlNetModel(eqx.Module):
         x = self.conv_in(sample)
         if self.controlnet_cond_embedding is not None:
             cond = controlnet_cond
+            factor = 2 ** (len(self.config.conditioning_embedding_out_channels) - 1)
+            if cond.shape[1:] != (factor * sample.shape[1], factor * sample.shape[2]):
+                raise ValueError(
+                    f"condition image of size {cond.shape[1]}x{cond.shape[2]} does not match "
+                    f"latents of size {sample.shape[1]}x{sample.shape[2]} (expected "
+                    f"{factor * sample.shape[1]}x{factor * sample.shape[2]})"
+                )
             if self.config.controlnet_conditioning_channel_order == "bgr":
                 cond = cond[::-1]
             x = x + self.controlnet_cond_embedding(cond.astype(self.dtype))

@@ -1,0 +1,258 @@
+"""`codi sample`: images from a prompt with CoDi's few-step sampler or the teacher's DDIM."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import CodiError, CodiUsageError, atomic_path, note, progress, reported_errors
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CodiUsageError(f"{prompt_file}: no such prompt file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CodiUsageError(f"{prompt_file}: cannot read the prompt file ({e})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CodiUsageError("no prompt: give --prompt TEXT (repeatable) or --prompt_file FILE")
+    return prompts
+
+
+def _load_control_image(path: Path, resolution: Optional[int], factor: int):
+    """The condition image as float32 `(H, W, 3)` in [0, 1]: kept at its own size when that
+    divides by the VAE factor and no resolution is asked for; otherwise the shorter side is
+    resized (bilinear) to the resolution (512 by default) and the centre cropped square."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CodiUsageError(f"{path}: no such control image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise CodiUsageError(f"{path}: cannot read the control image ({e})") from None
+    w, h = img.size
+    if resolution is None and w % factor == 0 and h % factor == 0:
+        return np.asarray(img, np.float32) / 255.0
+    size = resolution or 512
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, np.float32) / 255.0
+
+
+def _grid(images):
+    import numpy as np
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return grid
+
+
+def _png_info(meta: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        if v is not None:
+            info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+    return info
+
+
+def sample(
+    prompt: Optional[list[str]] = typer.Option(
+        None, "--prompt", help="A prompt; repeat the flag for several."),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "--prompt_file", "--prompt-file", help="A text file with one prompt per line."),
+    model: str = typer.Option(
+        ..., "--model", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path",
+        help="The base model: a diffusers directory, a `codi convert-weights` directory, or a "
+             "Hub id in the local cache."),
+    adapter: Optional[Path] = typer.Option(
+        None, "--adapter", "--controlnet", help="A trained adapter (this project's format, a "
+        "diffusers ControlNet folder, or a training run's output directory). Without one: "
+        "DDIM of the teacher, or CoDi steps of the bare UNet."),
+    negative_prompt: str = typer.Option(
+        "", "--negative_prompt", "--negative-prompt",
+        help="The unconditional half of classifier-free guidance."),
+    control_image: Optional[Path] = typer.Option(
+        None, "--control_image", "--control-image", help="The condition image (resized with "
+        "bilinear filtering and centre-cropped to --resolution)."),
+    resolution: Optional[int] = typer.Option(
+        None, "--resolution", help="Image size (square), a multiple of 8. Default: the control "
+        "image's own size when divisible by 8, else 512; without a control image the model's "
+        "native size."),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", "--num_inference_steps", "--num-inference-steps",
+        help="Sampling steps (default 4 for codi, 50 for ddim)."),
+    guidance_scale: Optional[float] = typer.Option(
+        None, "--guidance_scale", "--guidance-scale", help="Classifier-free guidance scale "
+        "(default 1.0 for codi, a single conditional pass; 7.5 for ddim)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; image i uses fold_in(seed, i)."),
+    num_images: int = typer.Option(
+        1, "--num_images", "--num-images", "--num_images_per_prompt",
+        help="Images per prompt."),
+    sampler: str = typer.Option(
+        "codi", "--sampler", help="codi (few-step consistency sampler) or ddim (teacher)."),
+    distill_learning_steps: int = typer.Option(
+        50, "--distill_learning_steps", "--distill-learning-steps",
+        help="N of the distillation grid the adapter was trained with (codi)."),
+    timestep_scaling: float = typer.Option(
+        10.0, "--distill_timestep_scaling", "--distill-timestep-scaling", "--timestep_scaling",
+        help="tau of the consistency scalings (codi)."),
+    controlnet_conditioning_scale: float = typer.Option(
+        1.0, "--controlnet_conditioning_scale", "--controlnet-conditioning-scale",
+        help="Multiplies the adapter's residuals."),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="Parameter dtype: float32, bfloat16 or float16."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch_size", "--batch-size", help="Images per compiled batch (default: all)."),
+    output: Path = typer.Option(
+        Path("sample.png"), "--output", "-o", help="A .png file (one image, or a grid of "
+        "several), or a folder (one PNG per image)."),
+) -> None:
+    """Generate images with a CoDi adapter (1-4 steps) or the teacher (DDIM)."""
+    with reported_errors():
+        _sample(**locals())
+
+
+def _sample(
+    *, prompt, prompt_file, model, adapter, negative_prompt, control_image, resolution, steps,
+    guidance_scale, seed, num_images, sampler, distill_learning_steps, timestep_scaling,
+    controlnet_conditioning_scale, dtype, batch_size, output,
+) -> None:
+    # Everything checkable without the model first, so that mistakes cost nothing.
+    if sampler not in ("codi", "ddim"):
+        raise CodiUsageError(f"--sampler {sampler}: expected codi or ddim")
+    if dtype not in _DTYPES:
+        raise CodiUsageError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+    steps = (4 if sampler == "codi" else 50) if steps is None else steps
+    guidance_scale = (1.0 if sampler == "codi" else 7.5) if guidance_scale is None else guidance_scale
+    if steps < 1:
+        raise CodiUsageError(f"--steps {steps}: must be at least 1")
+    if distill_learning_steps < 1:
+        raise CodiUsageError(f"--distill_learning_steps {distill_learning_steps}: must be >= 1")
+    if sampler == "codi" and steps > distill_learning_steps:
+        raise CodiUsageError(
+            f"--steps {steps} exceeds --distill_learning_steps {distill_learning_steps} "
+            "(the CoDi grid has that many points); lower --steps or use --sampler ddim"
+        )
+    if num_images < 1:
+        raise CodiUsageError(f"--num_images {num_images}: must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise CodiUsageError(f"--batch_size {batch_size}: must be at least 1")
+    factor = 8
+    if resolution is not None and (resolution < factor or resolution % factor):
+        raise CodiUsageError(
+            f"--resolution {resolution} is not a positive multiple of the VAE factor {factor}"
+        )
+    prompts = _read_prompts(prompt, prompt_file)
+    if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+        raise CodiUsageError(f"--model {model}: no such model directory")
+    if adapter is not None and not Path(adapter).exists():
+        raise CodiUsageError(f"--adapter {adapter}: no such adapter directory")
+    if control_image is not None and adapter is None:
+        raise CodiUsageError("--control_image needs --adapter (an adapter with a condition encoder)")
+    control = None
+    if control_image is not None:
+        control = _load_control_image(control_image, resolution, factor)
+    as_file = output.suffix.lower() == ".png"
+    if not as_file and output.exists() and not output.is_dir():
+        raise CodiUsageError(f"--output {output}: exists and is not a folder (give a .png path "
+                             "or a folder)")
+
+    import jax.numpy as jnp
+
+    from codi_eqx import load_adapter, load_pipeline
+    from codi_eqx.sampling import generate
+
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    try:
+        pipe = load_pipeline(model, dtype=jdtype)
+    except ValueError as e:  # a config this project cannot read
+        raise CodiError(f"--model {model}: {e}") from None
+    if pipe.vae_scale_factor != factor and resolution is not None and resolution % pipe.vae_scale_factor:
+        raise CodiUsageError(f"--resolution {resolution} is not a multiple of the VAE factor "
+                             f"{pipe.vae_scale_factor}")
+    net = None
+    if adapter is not None:
+        try:
+            net = load_adapter(adapter, dtype=jdtype)
+        except ValueError as e:
+            raise CodiError(f"--adapter {adapter}: {e}") from None
+        needs = net.controlnet_cond_embedding is not None
+        if needs and control is None:
+            raise CodiUsageError(f"--adapter {adapter} needs a condition image: give --control_image")
+        if not needs and control is not None:
+            raise CodiUsageError(f"--adapter {adapter} has no condition encoder: drop --control_image")
+    if sampler == "ddim" and steps > pipe.schedule.num_train_timesteps:
+        raise CodiUsageError(f"--steps {steps} exceeds the model's "
+                             f"{pipe.schedule.num_train_timesteps} training timesteps")
+    size = resolution if control is None else None
+    total = len(prompts) * num_images
+    bs = total if batch_size is None else min(batch_size, total)
+    n_batches = math.ceil(total / bs)
+
+    note("compiling the sampler (first batch only)...")
+    with progress() as bar:
+        task = bar.add_task("sampling", total=n_batches, info=f"{total} image(s)")
+        try:
+            images = generate(
+                pipe, net, prompts, negative_prompt=negative_prompt, control_images=control,
+                steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+                num_images_per_prompt=num_images, distill_learning_steps=distill_learning_steps,
+                timestep_scaling=timestep_scaling,
+                controlnet_conditioning_scale=controlnet_conditioning_scale, batch_size=bs,
+                height=size, width=size,
+                progress=lambda done, n: bar.update(task, completed=done),
+            )
+        except ValueError as e:
+            raise CodiUsageError(str(e)) from None
+
+    from PIL import Image
+
+    base = {
+        "negative_prompt": negative_prompt, "seed": str(seed), "steps": str(steps),
+        "sampler": sampler, "guidance_scale": str(guidance_scale), "model": str(model),
+        "adapter": None if adapter is None else str(adapter),
+        "controlnet_conditioning_scale": str(controlnet_conditioning_scale),
+        "software": "codi-eqx",
+    }
+    image_prompts = [p for p in prompts for _ in range(num_images)]
+    if as_file:
+        img = images[0] if total == 1 else _grid(images)
+        meta = {**base, "prompt": image_prompts[0] if len(set(prompts)) == 1 else prompts}
+        if total > 1:
+            meta["grid"] = f"{total} images, prompt by prompt, {num_images} per prompt"
+        with atomic_path(output) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG", pnginfo=_png_info(meta))
+        note(f"wrote {output}")
+    else:
+        with atomic_path(output, is_dir=True) as tmp:
+            for i, (img, p) in enumerate(zip(images, image_prompts)):
+                meta = {**base, "prompt": p, "image_index": str(i)}
+                Image.fromarray(img).save(tmp / f"{i:04d}.png", format="PNG",
+                                          pnginfo=_png_info(meta))
+        note(f"wrote {total} image(s) to {output}/")

@@ -1,0 +1,178 @@
+"""An optional on-disk cache of encoder outputs, so that later epochs and runs skip the VAE
+encoder and the text encoder.
+
+Layout under the cache directory:
+
+    cache.json                     {"format", "fingerprint", "resolution", "encoder"}
+    latents/<xyz>/<index>.npz      the VAE posterior of example `index`: mean, logvar (float16)
+    text/<ab>/<sha256>.npy         the text embedding of one caption string (float16)
+
+The posterior (not a sample) is stored so that training still samples from it. Text embeddings
+are keyed by caption, not by example, so that list captions and empty prompts stay random.
+Files are written atomically (temporary name, then rename), so several processes may fill the
+same cache and an interrupted run leaves only whole entries. `cache.json` ties the cache to a
+dataset fingerprint, a resolution and an encoder id: anything else is refused, never reused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from jaxtyping import Float
+
+from ._errors import DataError
+
+FORMAT = 1
+
+EncodeImages = Callable[[np.ndarray], tuple]
+"""(B, 3, R, R) float32 in [-1, 1] -> (mean, logvar), each (B, C, h, w)."""
+EncodeTexts = Callable[[list], np.ndarray]
+"""B captions -> (B, seq, d) text embeddings."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class LatentCache:
+    """Encoder outputs per example index (latents) and per caption (text embeddings).
+
+    **Arguments:**
+
+    - `directory`: where the cache lives (created if absent).
+    - `fingerprint`: the dataset's (`dataset.fingerprint`).
+    - `resolution`: the training resolution.
+    - `encoder`: an id of the encoders (e.g. the model path or a hash of its weights).
+    - `overwrite`: empty a cache made for something else instead of refusing it.
+    """
+
+    def __init__(
+        self,
+        directory: Union[str, os.PathLike],
+        *,
+        fingerprint: str,
+        resolution: int,
+        encoder: str = "",
+        overwrite: bool = False,
+    ):
+        self.directory = Path(directory)
+        self.meta = {"format": FORMAT, "fingerprint": str(fingerprint),
+                     "resolution": int(resolution), "encoder": str(encoder)}
+        meta_path = self.directory / "cache.json"
+        if meta_path.exists():
+            try:
+                found = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, OSError):
+                found = None
+            if found != self.meta:
+                if not overwrite:
+                    raise DataError(
+                        f"latent cache {self.directory} was made for another dataset, resolution "
+                        f"or encoder ({found} != {self.meta}); use another directory or overwrite")
+                for sub in ("latents", "text"):
+                    shutil.rmtree(self.directory / sub, ignore_errors=True)
+                meta_path.unlink()
+        if not meta_path.exists():
+            _atomic_write(meta_path, lambda p: p.write_text(json.dumps(self.meta)))
+
+    def _latent_path(self, index: int) -> Path:
+        return self.directory / "latents" / f"{int(index) % 4096:03x}" / f"{int(index)}.npz"
+
+    def _text_path(self, caption: str) -> Path:
+        digest = hashlib.sha256(caption.encode("utf-8")).hexdigest()
+        return self.directory / "text" / digest[:2] / f"{digest}.npy"
+
+    def has_latents(self, index: int) -> bool:
+        return self._latent_path(index).is_file()
+
+    def has_text(self, caption: str) -> bool:
+        return self._text_path(caption).is_file()
+
+    def put_latents(self, index: int, mean: np.ndarray, logvar: np.ndarray) -> None:
+        """Store the posterior of example `index`."""
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, mean=np.asarray(mean, np.float16),
+                         logvar=np.asarray(logvar, np.float16))
+        _atomic_write(self._latent_path(index), write)
+
+    def put_text(self, caption: str, embedding: np.ndarray) -> None:
+        """Store the text embedding of `caption`."""
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.save(f, np.asarray(embedding, np.float16))
+        _atomic_write(self._text_path(caption), write)
+
+    def get_latents(self, index: int) -> Optional[tuple]:
+        """(mean, logvar) float32 of example `index`, or None when not cached."""
+        path = self._latent_path(index)
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            return z["mean"].astype(np.float32), z["logvar"].astype(np.float32)
+
+    def get_text(self, caption: str) -> Optional[np.ndarray]:
+        """The text embedding (float32) of `caption`, or None when not cached."""
+        path = self._text_path(caption)
+        return np.load(path).astype(np.float32) if path.is_file() else None
+
+    def encode(
+        self,
+        batch: dict,
+        encode_images: Optional[EncodeImages] = None,
+        encode_texts: Optional[EncodeTexts] = None,
+    ) -> dict:
+        """The encoder outputs for a loader batch: cached ones read, missing ones computed by
+        the given functions (on the missing examples / distinct captions only) and stored.
+
+        **Returns:** `{"latent_mean": (B, C, h, w), "latent_logvar": (B, C, h, w),
+        "text_embeddings": (B, seq, d)}`, float32."""
+        indices: Sequence[int] = [int(i) for i in batch["index"]]
+        captions: list = list(batch["caption"])
+        latents = [self.get_latents(i) for i in indices]
+        missing = [k for k, v in enumerate(latents) if v is None]
+        if missing:
+            if encode_images is None:
+                raise DataError(f"latent cache {self.directory}: example {indices[missing[0]]} "
+                                "is not cached and no image encoder was given")
+            mean, logvar = encode_images(np.asarray(batch["pixel_values"])[missing])
+            mean, logvar = np.asarray(mean), np.asarray(logvar)
+            for j, k in enumerate(missing):
+                self.put_latents(indices[k], mean[j], logvar[j])
+                latents[k] = (mean[j].astype(np.float16).astype(np.float32),
+                              logvar[j].astype(np.float16).astype(np.float32))
+        texts = {c: self.get_text(c) for c in dict.fromkeys(captions)}
+        todo = [c for c, v in texts.items() if v is None]
+        if todo:
+            if encode_texts is None:
+                raise DataError(f"latent cache {self.directory}: caption {todo[0]!r} is not "
+                                "cached and no text encoder was given")
+            emb = np.asarray(encode_texts(todo))
+            for c, e in zip(todo, emb):
+                self.put_text(c, e)
+                texts[c] = e.astype(np.float16).astype(np.float32)
+        return {
+            "latent_mean": _stack([m for m, _ in latents]),
+            "latent_logvar": _stack([lv for _, lv in latents]),
+            "text_embeddings": _stack([texts[c] for c in captions]),
+        }
+
+
+def _stack(arrays: list) -> Float[np.ndarray, "batch ..."]:
+    return np.stack(arrays).astype(np.float32)

@@ -1,0 +1,17 @@
+"""CoDi distillation: options, loss, train state, the compiled data-parallel step."""
+
+from ._config import DistillConfig as DistillConfig
+from ._config import OptimConfig as OptimConfig
+from ._loss import draw_example as draw_example
+from ._loss import example_loss as example_loss
+from ._loss import guided_output as guided_output
+from ._loss import model_output as model_output
+from ._optim import lr_schedule as lr_schedule
+from ._optim import make_optimizer as make_optimizer
+from ._state import Frozen as Frozen
+from ._state import TrainState as TrainState
+from ._state import Trainable as Trainable
+from ._state import init_train_state as init_train_state
+from ._state import make_frozen as make_frozen
+from ._step import ema_update as ema_update
+from ._step import make_train_step as make_train_step

@@ -1,0 +1,123 @@
+"""The options of CoDi distillation and of its optimiser, validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+DistillType = Literal["conditional", "unconditional"]
+OneStepODE = Literal["control", "uncontrol"]
+ControlParams = Literal["target", "online"]
+DistillLoss = Literal["consistency_x", "consistency_epsilon"]
+GuidanceDraw = Literal["per_example", "per_batch_integer"]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+_CHOICES = {
+    "distill_type": ("conditional", "unconditional"),
+    "onestepode": ("control", "uncontrol"),
+    "onestepode_control_params": ("target", "online"),
+    "distill_loss": ("consistency_x", "consistency_epsilon"),
+    "guidance_draw": ("per_example", "per_batch_integer"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """CoDi's loss options (codi-algorithm.md); every field is a static choice."""
+
+    prediction_type: str = "epsilon"
+    """How raw model outputs convert to (x, eps): the base model's `prediction_type`."""
+    distill_type: DistillType = "conditional"
+    """`conditional`: the adapter takes a condition image; `unconditional`: none (text-to-image
+    acceleration)."""
+    onestepode: OneStepODE = "control"
+    """Model of the one-step ODE (teacher step): UNet + adapter, or the UNet alone."""
+    onestepode_control_params: ControlParams = "target"
+    """Adapter parameters for a `control` teacher step: the current EMA (`target`) or the
+    current trained ones without gradient (`online`)."""
+    onestepode_cfg: bool = False
+    """Classifier-free guidance (scale w) in the teacher step."""
+    onestepode_true_noise: bool = False
+    """Step to s with the true noise instead of the predicted one (the paper's main text)."""
+    cfg_aware_distill: bool = False
+    """Guidance-aware distillation: target and online outputs are guided at scale w."""
+    distill_guidance_min: float = 2.0
+    """Lower end of the guidance-scale draw."""
+    distill_guidance_max: float = 14.0
+    """Upper end of the guidance-scale draw."""
+    guidance_draw: GuidanceDraw = "per_example"
+    """`per_example`: real-valued w per example; `per_batch_integer`: one integer w in
+    [min, max) per batch, as the original drew it."""
+    distill_loss: DistillLoss = "consistency_x"
+    """Consistency term on the x (`consistency_x`) or eps (`consistency_epsilon`) outputs."""
+    snr_gamma: Optional[float] = None
+    """Weight the consistency term by min(snr_t, gamma) / snr_t (None: off)."""
+    x0_regularizer_weight: float = 1.0
+    """Weight of mean((online_x - x0)^2); 0 turns it off."""
+    distill_learning_steps: int = 50
+    """N: the timestep grid has N points, k = T // N apart."""
+    distill_timestep_scaling: float = 10.0
+    """tau in the boundary scalings c_skip, c_out."""
+    sigma_data: float = 0.5
+    """sigma_data in the boundary scalings."""
+    shared_timestep: bool = False
+    """One timestep index for the whole batch instead of one per example."""
+    conditioning_scale: float = 1.0
+    """Multiplier of the adapter's residuals."""
+    full_codi: bool = False
+    """Train the UNet together with the adapter (full CoDi) instead of the adapter alone."""
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.distill_guidance_min > self.distill_guidance_max:
+            raise ValueError(
+                f"distill_guidance_min {self.distill_guidance_min} > distill_guidance_max "
+                f"{self.distill_guidance_max}"
+            )
+        if self.distill_learning_steps < 1:
+            raise ValueError("distill_learning_steps must be at least 1")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError("snr_gamma must be positive")
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.cfg_aware_distill or self.onestepode_cfg
+
+    def replace(self, **kwargs) -> "DistillConfig":
+        return dataclasses.replace(self, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a learning-rate schedule."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    lr_scheduler: LRScheduler = "constant"
+    """`constant`, `constant_with_warmup`, `linear` (decay to 0) or `cosine` (decay to 0)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up from 0 (all schedules but `constant`)."""
+    max_train_steps: int = 1000
+    """Length of the decaying schedules."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: Optional[float] = 1.0
+    """Global-norm clipping threshold (None: no clipping)."""
+    ema_decay: float = 0.999
+    """mu in theta_minus <- mu * theta_minus + (1 - mu) * theta."""
+
+    def __post_init__(self):
+        if self.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
+            raise ValueError(
+                f"lr_scheduler={self.lr_scheduler!r}: expected constant, constant_with_warmup, "
+                "linear or cosine"
+            )
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError("ema_decay must lie in [0, 1]")

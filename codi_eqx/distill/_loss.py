@@ -1,0 +1,196 @@
+"""The CoDi loss for one example (codi-algorithm.md, "One training step").
+
+Each formula is one definition from `codi_eqx.diffusion`; targets are under
+`lax.stop_gradient`. The example's random draws come from its own key, so they do not depend
+on how a batch is split over devices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..diffusion import consistency_output, distill_timestep, to_x_eps
+from ._config import DistillConfig
+from ._state import Frozen, Trainable
+
+
+def cast_floating(tree, dtype):
+    """`tree` with its inexact arrays in `dtype` (the compute dtype of a forward pass)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def model_output(
+    params: Optional[Trainable], frozen: Frozen, z: Float[Array, "c h w"], t,
+    text: Float[Array, "seq d"], cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
+    *, use_adapter: bool = True,
+) -> Float[Array, "c h w"]:
+    """F(z, t): the UNet's raw output with the adapter's residuals added (`use_adapter`), in
+    float32. The UNet is the frozen one, or the trained one in full CoDi."""
+    unet = frozen.unet if (params is None or params.unet is None) else params.unet
+    if unet is None:
+        raise ValueError("no UNet: full CoDi needs params.unet")
+    dtype = unet.dtype
+    down = mid = None
+    if use_adapter:
+        adapter = cast_floating(params.adapter, dtype)
+        down, mid = adapter(
+            z.astype(dtype), t, text, cond if cfg.distill_type == "conditional" else None,
+            conditioning_scale=cfg.conditioning_scale,
+        )
+    out = unet(
+        z.astype(dtype), t, text,
+        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+    )
+    return out.astype(jnp.float32)
+
+
+def guided_output(
+    params: Optional[Trainable], frozen: Frozen, z, t, text, cond, cfg: DistillConfig,
+    w: Optional[Float[Array, ""]], *, use_adapter: bool = True,
+) -> Float[Array, "c h w"]:
+    """F(c_null) + w (F(c_txt) - F(c_null)), both halves in one batched pass (conditional
+    first, then unconditional); a plain conditional pass when `w` is None."""
+    if w is None:
+        return model_output(params, frozen, z, t, text, cond, cfg, use_adapter=use_adapter)
+    texts = jnp.stack([text.astype(jnp.float32), frozen.null_embedding.astype(jnp.float32)])
+    both = jax.vmap(
+        lambda c: model_output(params, frozen, z, t, c, cond, cfg, use_adapter=use_adapter)
+    )(texts)
+    f_cond, f_uncond = both[0], both[1]
+    return f_uncond + w * (f_cond - f_uncond)
+
+
+class ExampleDraws(eqx.Module):
+    """The random quantities of one example."""
+
+    t: jax.Array
+    s: jax.Array
+    noise: Float[Array, "c h w"]
+    posterior_noise: Float[Array, "c h w"]
+    w: Float[Array, ""]
+
+
+def draw_example(
+    key: PRNGKeyArray, batch_key: PRNGKeyArray, latent_shape: tuple[int, ...],
+    num_train_timesteps: int, cfg: DistillConfig,
+) -> ExampleDraws:
+    """An example's timesteps, noises and guidance scale from its own key; the batch-level
+    options (shared timestep, per-batch integer scale) draw from `batch_key` instead."""
+    k_t, k_eps, k_post, k_w = jax.random.split(key, 4)
+    b_t, b_w = jax.random.split(batch_key)
+    t, s = distill_timestep(b_t if cfg.shared_timestep else k_t, num_train_timesteps,
+                            cfg.distill_learning_steps)
+    if cfg.guidance_draw == "per_batch_integer":
+        w = jax.random.randint(
+            b_w, (), int(cfg.distill_guidance_min), max(int(cfg.distill_guidance_max),
+                                                          int(cfg.distill_guidance_min) + 1)
+        ).astype(jnp.float32)
+    else:
+        w = jax.random.uniform(
+            k_w, (), jnp.float32, cfg.distill_guidance_min, cfg.distill_guidance_max
+        )
+    return ExampleDraws(
+        t=t, s=s,
+        noise=jax.random.normal(k_eps, latent_shape, jnp.float32),
+        posterior_noise=jax.random.normal(k_post, latent_shape, jnp.float32),
+        w=w,
+    )
+
+
+def example_latents(frozen: Frozen, example: dict, posterior_noise) -> Float[Array, "c h w"]:
+    """x0: a sample of the VAE posterior (from the image, or from cached mean / logvar),
+    times the VAE scaling factor."""
+    if "latent_mean" in example:
+        mean = example["latent_mean"].astype(jnp.float32)
+        logvar = jnp.clip(example["latent_logvar"].astype(jnp.float32), -30.0, 20.0)
+        scaling, shift = example["scaling_factor"], None
+    else:
+        if frozen.vae is None:
+            raise ValueError("batches without cached latents need the VAE")
+        post = frozen.vae.encode(example["pixel_values"].astype(frozen.vae.encoder.conv_in.weight.dtype))
+        mean = post.mean.astype(jnp.float32)
+        logvar = post.logvar.astype(jnp.float32)
+        scaling, shift = frozen.vae.scaling_factor, frozen.vae.shift_factor
+    x = mean + jnp.exp(0.5 * logvar) * posterior_noise
+    if shift is not None:
+        x = x - shift
+    return x * scaling
+
+
+def example_text(frozen: Frozen, example: dict) -> Float[Array, "seq d"]:
+    if "text_embeddings" in example:
+        return example["text_embeddings"].astype(jnp.float32)
+    if frozen.text_encoder is None:
+        raise ValueError("batches without cached text embeddings need the text encoder")
+    return frozen.text_encoder(example["input_ids"]).astype(jnp.float32)
+
+
+def example_loss(
+    params: Trainable, ema: Trainable, frozen: Frozen, example: dict, key: PRNGKeyArray,
+    batch_key: PRNGKeyArray, cfg: DistillConfig, latent_shape: tuple[int, ...],
+) -> tuple[Float[Array, ""], dict]:
+    """The CoDi loss of one example and its two terms (before averaging).
+
+    Steps 1-7 of codi-algorithm.md: noise x0 to z_t; one teacher ODE step to z_s (no
+    gradient); target f_{theta_minus}(z_s, s) (no gradient); online f_theta(z_t, t); the
+    consistency term (optionally SNR-weighted) plus the weighted x0 regulariser.
+    """
+    schedule = frozen.schedule
+    draws = draw_example(key, batch_key, latent_shape, schedule.num_train_timesteps, cfg)
+    x0 = jax.lax.stop_gradient(example_latents(frozen, example, draws.posterior_noise))
+    text = jax.lax.stop_gradient(example_text(frozen, example))
+    cond = example.get("conditioning_pixel_values") if cfg.distill_type == "conditional" else None
+    t, s = draws.t, draws.s
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    a_s, s_s = schedule.alpha(s), schedule.sigma(s)
+    z_t = a_t * x0 + s_t * draws.noise
+    ptype = cfg.prediction_type
+    scal = dict(sigma_data=cfg.sigma_data, timestep_scaling=cfg.distill_timestep_scaling)
+
+    # 3. One-step ODE (teacher step) from t to s, without gradient.
+    if cfg.onestepode == "control":
+        teacher = ema if cfg.onestepode_control_params == "target" else params
+    else:
+        teacher = params if params.unet is not None else None
+    teacher = jax.lax.stop_gradient(teacher)
+    f_teacher = guided_output(
+        teacher, frozen, z_t, t, text, cond, cfg, draws.w if cfg.onestepode_cfg else None,
+        use_adapter=cfg.onestepode == "control",
+    )
+    x_hat, eps_hat = to_x_eps(f_teacher, z_t, a_t, s_t, ptype)
+    z_s = jax.lax.stop_gradient(a_s * x_hat + s_s * (draws.noise if cfg.onestepode_true_noise else eps_hat))
+
+    # 4. Target with the EMA parameters, without gradient.
+    w = draws.w if cfg.cfg_aware_distill else None
+    f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w)
+    xt_hat, et_hat = to_x_eps(f_target, z_s, a_s, s_s, ptype)
+    target_x = consistency_output(z_s, xt_hat, s, **scal)
+    target_eps = consistency_output(z_s, et_hat, s, **scal)
+
+    # 5. Online with the trained parameters.
+    f_online = guided_output(params, frozen, z_t, t, text, cond, cfg, w)
+    xo_hat, eo_hat = to_x_eps(f_online, z_t, a_t, s_t, ptype)
+    online_x = consistency_output(z_t, xo_hat, t, **scal)
+    online_eps = consistency_output(z_t, eo_hat, t, **scal)
+
+    # 7. Loss.
+    if cfg.distill_loss == "consistency_x":
+        consistency = jnp.mean(jnp.square(online_x - jax.lax.stop_gradient(target_x)))
+    else:
+        consistency = jnp.mean(jnp.square(online_eps - jax.lax.stop_gradient(target_eps)))
+    if cfg.snr_gamma is not None:
+        snr = schedule.snr(t)
+        consistency = consistency * jnp.minimum(snr, cfg.snr_gamma) / snr
+    regularizer = jnp.mean(jnp.square(online_x - x0))
+    loss = consistency + cfg.x0_regularizer_weight * regularizer
+    return loss, {
+        "loss_consistency": consistency,
+        "loss_regularizer": regularizer,
+        "timestep": t.astype(jnp.float32),
+        "guidance_scale": draws.w,
+    }

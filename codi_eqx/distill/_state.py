@@ -1,0 +1,76 @@
+"""What training carries from step to step (`TrainState`) and what it only reads (`Frozen`)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..diffusion import NoiseSchedule
+from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+
+
+class Trainable(eqx.Module):
+    """The parameters being trained: the adapter, and the UNet too in full CoDi."""
+
+    adapter: ControlNetModel
+    unet: Optional[UNet2DConditionModel] = None
+
+
+class Frozen(eqx.Module):
+    """What the step reads but never changes. `unet` is None in full CoDi (it is trained);
+    `vae` / `text_encoder` may be None when the batches carry cached latents / embeddings."""
+
+    unet: Optional[UNet2DConditionModel]
+    vae: Optional[AutoencoderKL]
+    text_encoder: Optional[CLIPTextModel]
+    schedule: NoiseSchedule
+    null_embedding: Float[Array, "seq d"]
+    """Text embeddings of the empty prompt (the unconditional branch of guidance)."""
+
+
+class TrainState(eqx.Module):
+    """step, trained parameters, their EMA (theta_minus), optimiser state, PRNG key."""
+
+    step: Int[Array, ""]
+    params: Trainable
+    ema: Trainable
+    opt_state: Any
+    key: PRNGKeyArray
+    tx: optax.GradientTransformation = eqx.field(static=True)
+
+
+def _float32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, tree)
+
+
+def init_train_state(
+    params: Trainable, tx: optax.GradientTransformation, *, key: PRNGKeyArray
+) -> TrainState:
+    """A fresh state: float32 master weights, EMA equal to them, optimiser state on the
+    inexact arrays of `params`."""
+    params = _float32(params)
+    opt_state = tx.init(eqx.filter(params, eqx.is_inexact_array))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema=params, opt_state=opt_state,
+        key=key, tx=tx,
+    )
+
+
+def make_frozen(
+    unet: Optional[UNet2DConditionModel], vae: Optional[AutoencoderKL],
+    text_encoder: Optional[CLIPTextModel], schedule: NoiseSchedule,
+    null_input_ids: Optional[Int[Array, " seq"]] = None,
+    null_embedding: Optional[Float[Array, "seq d"]] = None,
+) -> Frozen:
+    """`Frozen`, computing the empty prompt's embedding from `null_input_ids` when it is
+    not given."""
+    if null_embedding is None:
+        if text_encoder is None or null_input_ids is None:
+            raise ValueError("make_frozen needs null_embedding, or a text encoder and null_input_ids")
+        null_embedding = eqx.filter_jit(text_encoder)(null_input_ids)
+    return Frozen(unet, vae, text_encoder, schedule, jnp.asarray(null_embedding))

@@ -1,0 +1,12 @@
+"""Sampling: CoDi's few-step sampler, DDIM for the teacher, and `generate` (prompts -> images)."""
+
+from ._generate import SAMPLERS as SAMPLERS
+from ._generate import SamplerSpec as SamplerSpec
+from ._generate import decode_latents as decode_latents
+from ._generate import generate as generate
+from ._generate import sample_batch as sample_batch
+from ._generate import sampler_timesteps as sampler_timesteps
+from ._guided import guided_model_output as guided_model_output
+from ._guided import model_output as model_output
+from ._samplers import codi_sample as codi_sample
+from ._samplers import ddim_sample as ddim_sample

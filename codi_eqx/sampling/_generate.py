@@ -1,0 +1,330 @@
+"""From prompts to images: text encoding, sampling and VAE decoding compiled as one function,
+batched with `vmap`, optionally split over all devices."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Float, Int, UInt8
+
+from ..diffusion import (
+    NoiseSchedule,
+    codi_sampling_timesteps,
+    ddim_previous_timesteps,
+    ddim_timesteps,
+)
+from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from ._guided import guided_model_output
+from ._samplers import codi_sample, ddim_sample
+
+Sampler = Literal["codi", "ddim"]
+SAMPLERS = ("codi", "ddim")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """The static part of a sampling run (one compilation per distinct spec)."""
+
+    sampler: str
+    """`"codi"` or `"ddim"`."""
+    timesteps: tuple[int, ...]
+    """The descending timesteps of the run."""
+    prev_timesteps: tuple[int, ...]
+    """DDIM only: the timestep each step lands on (empty for CoDi)."""
+    cfg: bool
+    """Whether to run the unconditional pass (guidance scale other than 1)."""
+    latent_shape: tuple[int, int, int]
+    """`(C, h, w)` of the latents."""
+    timestep_scaling: float = 10.0
+    """`tau` of the consistency scalings (CoDi only)."""
+
+
+def sampler_timesteps(
+    sampler: str, steps: int, schedule: NoiseSchedule, scheduler_config: dict,
+    distill_learning_steps: int = 50,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The timesteps (and, for DDIM, the previous timesteps) of a run.
+
+    **Returns:** `(timesteps, prev_timesteps)` as tuples of ints (`prev` empty for CoDi).
+    Raises `ValueError` for a step count outside the sampler's range.
+    """
+    if sampler == "codi":
+        ts = codi_sampling_timesteps(schedule.num_train_timesteps, distill_learning_steps, steps)
+        return tuple(int(t) for t in ts), ()
+    if sampler == "ddim":
+        ts = ddim_timesteps(steps, scheduler_config)
+        prev = ddim_previous_timesteps(ts, schedule.num_train_timesteps)
+        return tuple(int(t) for t in ts), tuple(int(p) for p in prev)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def _sample_one(
+    unet: UNet2DConditionModel,
+    adapter: Optional[ControlNetModel],
+    schedule: NoiseSchedule,
+    spec: SamplerSpec,
+    cond_emb: Float[Array, "seq d"],
+    uncond_emb: Float[Array, "seq d"],
+    control: Optional[Float[Array, "3 H W"]],
+    key: jax.Array,
+    guidance_scale: Float[Array, ""],
+    conditioning_scale: Float[Array, ""],
+) -> Float[Array, "c h w"]:
+    w = guidance_scale if spec.cfg else 1.0
+
+    def model_fn(z, t):
+        return guided_model_output(
+            unet, adapter, z, t, cond_emb, uncond_emb, control, w, conditioning_scale
+        )
+
+    z = jax.random.normal(key, spec.latent_shape, jnp.float32)
+    if spec.sampler == "codi":
+        x, _ = codi_sample(
+            model_fn, schedule, z, np.asarray(spec.timesteps, np.int32),
+            timestep_scaling=spec.timestep_scaling,
+        )
+    else:
+        x, _ = ddim_sample(
+            model_fn, schedule, z, np.asarray(spec.timesteps, np.int32),
+            np.asarray(spec.prev_timesteps, np.int32),
+        )
+    return x
+
+
+def decode_latents(vae: AutoencoderKL, z: Float[Array, "c h w"]) -> UInt8[Array, "H W 3"]:
+    """Scaled latents -> an RGB image `(H, W, 3)`, uint8."""
+    z = z / vae.scaling_factor
+    if vae.shift_factor is not None:
+        z = z + vae.shift_factor
+    x = vae.decode(z.astype(vae.decoder.conv_in.weight.dtype)).astype(jnp.float32)
+    x = jnp.clip(x / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(jnp.transpose(x, (1, 2, 0)) * 255).astype(jnp.uint8)
+
+
+@eqx.filter_jit
+def sample_batch(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    adapter: Optional[ControlNetModel],
+    schedule: NoiseSchedule,
+    spec: SamplerSpec,
+    ids: Int[Array, "b seq"],
+    negative_ids: Int[Array, "b seq"],
+    control: Optional[Float[Array, "b 3 H W"]],
+    indices: Int[Array, " b"],
+    seed: Int[Array, ""],
+    guidance_scale: Float[Array, ""],
+    conditioning_scale: Float[Array, ""],
+) -> UInt8[Array, "b H W 3"]:
+    """A batch of images, compiled as a whole: text encoding, sampling, VAE decoding.
+
+    Image `i` starts from the noise of `fold_in(key(seed), indices[i])`, so it does not depend
+    on the batch it is in.
+
+    **Arguments:**
+
+    - `unet`, `vae`, `text_encoder`: the pipeline's models; `adapter`: or None.
+    - `schedule`: the noise schedule; `spec`: the static sampler description.
+    - `ids`, `negative_ids`: token ids of each image's prompt and negative prompt `(B, L)`.
+    - `control`: condition images `(B, 3, H, W)` in [0, 1], or None.
+    - `indices`: each image's global index `(B,)`; `seed`: the run's seed.
+    - `guidance_scale`, `conditioning_scale`: scalars.
+
+    **Returns:** images `(B, H, W, 3)`, uint8.
+    """
+    cond = jax.vmap(text_encoder)(ids)
+    uncond = jax.vmap(text_encoder)(negative_ids) if spec.cfg else cond
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+    def one(c, u, img, k):
+        z = _sample_one(unet, adapter, schedule, spec, c, u, img, k,
+                        guidance_scale, conditioning_scale)
+        return decode_latents(vae, z)
+
+    return jax.vmap(one, in_axes=(0, 0, None if control is None else 0, 0))(
+        cond, uncond, control, keys
+    )
+
+
+def _as_list(value: Union[str, Sequence[str]], n: int, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value] * n
+    value = list(value)
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        raise ValueError(f"{len(value)} {what}s for {n} prompts (give one, or one per prompt)")
+    return value
+
+
+def _control_array(control_images: Any, n_prompts: int) -> np.ndarray:
+    """Condition images as float32 `(n_prompts, 3, H, W)` in [0, 1]."""
+    if isinstance(control_images, np.ndarray) or hasattr(control_images, "shape"):
+        arr = np.asarray(control_images)
+        if arr.ndim == 3:
+            arr = arr[None]
+    else:
+        arr = np.stack([np.asarray(c) for c in control_images])
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"control images must be (N, H, W, 3), got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32).transpose(0, 3, 1, 2)
+    if arr.shape[0] == 1:
+        arr = np.repeat(arr, n_prompts, axis=0)
+    if arr.shape[0] != n_prompts:
+        raise ValueError(
+            f"{arr.shape[0]} control images for {n_prompts} prompts (give one, or one per prompt)"
+        )
+    return arr
+
+
+def _batch_sharding(batch: int) -> Optional[NamedSharding]:
+    devices = jax.devices()
+    if len(devices) <= 1 or batch % len(devices) != 0:
+        return None
+    mesh = Mesh(np.asarray(devices), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def generate(
+    pipe: Any,
+    adapter: Optional[ControlNetModel],
+    prompts: Union[str, Sequence[str]],
+    *,
+    negative_prompt: Union[str, Sequence[str]] = "",
+    control_images: Any = None,
+    steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    sampler: str = "codi",
+    seed: int = 0,
+    num_images_per_prompt: int = 1,
+    distill_learning_steps: int = 50,
+    timestep_scaling: float = 10.0,
+    controlnet_conditioning_scale: float = 1.0,
+    batch_size: Optional[int] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> np.ndarray:
+    """Sample images with CoDi's few-step sampler or the teacher's DDIM.
+
+    Images are ordered prompt by prompt (`num_images_per_prompt` each); image `i` starts from
+    the noise of `fold_in(key(seed), i)`, whatever the batch size. Batches have a fixed size
+    (the last is padded), so the sampler compiles once; a batch divisible by the number of
+    devices is split over all of them.
+
+    **Arguments:**
+
+    - `pipe`: a `Pipeline` (`load_pipeline`).
+    - `adapter`: a `ControlNetModel`, or None (DDIM of the teacher; CoDi steps of the bare UNet).
+    - `prompts`: one prompt or a list.
+    - `negative_prompt`: one for all, or one per prompt (the unconditional half of guidance).
+    - `control_images`: `(H, W, 3)` or `(N, H, W, 3)` (one, or one per prompt), float in [0, 1]
+      or uint8; required by an adapter with a condition encoder, refused otherwise.
+    - `steps`: sampling steps (default 4 for `codi`, 50 for `ddim`).
+    - `guidance_scale`: `w` (default 1.0 for `codi`: a single conditional pass; 7.5 for `ddim`).
+    - `sampler`: `"codi"` or `"ddim"`.
+    - `seed`: the run's seed.
+    - `num_images_per_prompt`: images per prompt.
+    - `distill_learning_steps`: `N` of the distillation grid (CoDi).
+    - `timestep_scaling`: `tau` of the consistency scalings (CoDi).
+    - `controlnet_conditioning_scale`: multiplies the adapter's residuals.
+    - `batch_size`: images per compiled batch (default: all of them at once).
+    - `height`, `width`: image size (default: the control image's, else the UNet's
+      `sample_size` times the VAE factor); multiples of the VAE factor.
+    - `progress`: called as `progress(batches_done, batches_total)` after each batch.
+
+    **Returns:** images `(B, H, W, 3)`, uint8.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+    steps = (4 if sampler == "codi" else 50) if steps is None else steps
+    guidance_scale = (1.0 if sampler == "codi" else 7.5) if guidance_scale is None else guidance_scale
+    negatives = _as_list(negative_prompt, len(prompts), "negative prompt")
+    factor = pipe.vae_scale_factor
+
+    control = None
+    has_encoder = adapter is not None and adapter.controlnet_cond_embedding is not None
+    if control_images is not None:
+        if adapter is None:
+            raise ValueError("a control image needs an adapter (none given)")
+        if not has_encoder:
+            raise ValueError("this adapter has no condition encoder: give no control image")
+        control = _control_array(control_images, len(prompts))
+        ch, cw = control.shape[2:]
+        if (height or ch, width or cw) != (ch, cw):
+            raise ValueError(
+                f"control images are {ch}x{cw}, but {height}x{width} was asked for; resize them"
+            )
+        height, width = ch, cw
+    elif has_encoder:
+        raise ValueError("this adapter needs a control image (it has a condition encoder)")
+    default = pipe.unet.config.sample_size * factor
+    height, width = height or default, width or default
+    if height % factor or width % factor:
+        raise ValueError(f"image size {height}x{width} is not divisible by the VAE factor {factor}")
+
+    timesteps, prev = sampler_timesteps(
+        sampler, steps, pipe.schedule, pipe.scheduler_config, distill_learning_steps
+    )
+    spec = SamplerSpec(
+        sampler=sampler, timesteps=timesteps, prev_timesteps=prev,
+        cfg=float(guidance_scale) != 1.0,
+        latent_shape=(pipe.unet.config.in_channels, height // factor, width // factor),
+        timestep_scaling=float(timestep_scaling),
+    )
+
+    total = len(prompts) * num_images_per_prompt
+    bs = total if batch_size is None else max(1, min(int(batch_size), total))
+    n_batches = math.ceil(total / bs)
+    prompt_of = np.repeat(np.arange(len(prompts)), num_images_per_prompt)
+    ids = np.asarray(pipe.tokenize(prompts))
+    neg_ids = np.asarray(pipe.tokenize(negatives))
+
+    sharding = _batch_sharding(bs)
+    models = (pipe.unet, pipe.vae, pipe.text_encoder, adapter, pipe.schedule)
+    if sharding is not None:
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        models = eqx.filter_shard(models, replicated)
+    unet, vae, text_encoder, adapter, schedule = models
+
+    def put(x):
+        return x if sharding is None else jax.device_put(x, sharding)
+
+    scalars = (
+        jnp.asarray(seed, jnp.int32) if seed < 2**31 else jnp.asarray(seed % 2**31, jnp.int32),
+        jnp.asarray(guidance_scale, jnp.float32),
+        jnp.asarray(controlnet_conditioning_scale, jnp.float32),
+    )
+    out = []
+    for b in range(n_batches):
+        idx = np.arange(b * bs, (b + 1) * bs)
+        idx = np.minimum(idx, total - 1)  # pad the last batch by repeating its last image
+        p = prompt_of[idx]
+        images = sample_batch(
+            unet, vae, text_encoder, adapter, schedule, spec,
+            put(jnp.asarray(ids[p])), put(jnp.asarray(neg_ids[p])),
+            None if control is None else put(jnp.asarray(control[p])),
+            put(jnp.asarray(idx, jnp.int32)), *scalars,
+        )
+        n_real = min(bs, total - b * bs)
+        out.append(np.asarray(images)[:n_real])
+        if progress is not None:
+            progress(b + 1, n_batches)
+    return np.concatenate(out, axis=0)

@@ -1,0 +1,90 @@
+"""The model output a sampler steps with: UNet (plus the adapter's residuals), with or without
+classifier-free guidance.
+
+Wherever the conditional and unconditional passes share one batch, the order is fixed:
+conditional first, unconditional second (the original release concatenated in one order and
+split in the other). The condition image goes to both halves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ..diffusion import classifier_free_guidance
+from ..models import ControlNetModel, UNet2DConditionModel
+
+ScaleLike = Union[float, int, Float[Array, ""]]
+TimestepArg = Union[int, Int[Array, ""], Float[Array, ""]]
+
+
+def model_output(
+    unet: UNet2DConditionModel,
+    adapter: Optional[ControlNetModel],
+    z: Float[Array, "c h w"],
+    t: TimestepArg,
+    text_emb: Float[Array, "seq d"],
+    control_image: Optional[Float[Array, "3 H W"]] = None,
+    conditioning_scale: ScaleLike = 1.0,
+) -> Float[Array, "c h w"]:
+    """The raw output `F(z, t)` of the UNet, with the adapter's residuals when there is one.
+
+    **Arguments:**
+
+    - `unet`: the (frozen) UNet.
+    - `adapter`: the adapter, or None for the UNet alone.
+    - `z`: noisy latents `(C, h, w)` (float32; cast to the models' dtype for the call).
+    - `t`: the integer timestep.
+    - `text_emb`: text embeddings `(L, D)`.
+    - `control_image`: the condition image `(3, 8h, 8w)` in [0, 1], or None (an adapter
+      without a condition encoder, or no adapter).
+    - `conditioning_scale`: multiplies the adapter's residuals.
+
+    **Returns:** `F`, shaped like `z`, float32.
+    """
+    down, mid = None, None
+    if adapter is not None:
+        down, mid = adapter(
+            z.astype(adapter.dtype), t, text_emb, control_image,
+            conditioning_scale=jnp.asarray(conditioning_scale, jnp.float32),
+        )
+    out = unet(
+        z.astype(unet.dtype), t, text_emb,
+        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+    )
+    return out.astype(jnp.float32)
+
+
+def guided_model_output(
+    unet: UNet2DConditionModel,
+    adapter: Optional[ControlNetModel],
+    z: Float[Array, "c h w"],
+    t: TimestepArg,
+    cond_emb: Float[Array, "seq d"],
+    uncond_emb: Float[Array, "seq d"],
+    control_image: Optional[Float[Array, "3 H W"]] = None,
+    guidance_scale: ScaleLike = 1.0,
+    conditioning_scale: ScaleLike = 1.0,
+) -> Float[Array, "c h w"]:
+    """`F = F(uncond) + w * (F(cond) - F(uncond))` for one example.
+
+    A Python `guidance_scale` equal to 1 runs the conditional pass alone (`uncond_emb` unused);
+    any other value (or an array, traced or not) runs both passes as one batch of two,
+    conditional first, the condition image given to both.
+
+    **Arguments:** as `model_output`, with `cond_emb` / `uncond_emb` the prompt's and the
+    negative prompt's embeddings `(L, D)` and `guidance_scale` the weight `w`.
+
+    **Returns:** the guided output, shaped like `z`, float32.
+    """
+    if isinstance(guidance_scale, (int, float)) and guidance_scale == 1:
+        return model_output(unet, adapter, z, t, cond_emb, control_image, conditioning_scale)
+    embs = jnp.stack([cond_emb, uncond_emb.astype(cond_emb.dtype)])  # (cond, uncond)
+    both = jax.vmap(
+        lambda e: model_output(unet, adapter, z, t, e, control_image, conditioning_scale)
+    )(embs)
+    cond, uncond = both[0], both[1]
+    return classifier_free_guidance(uncond, cond, jnp.asarray(guidance_scale, jnp.float32))
