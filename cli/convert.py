@@ -226,8 +226,6 @@ def _write_model(tmp: Path, parts: dict, *, dtype_name: str, tokenizer: Optional
 
 
 def _write_adapter(adapter, output: Path, to: Optional[Target], dtype_name: str) -> None:
-    import numpy as np  # noqa: F401
-
     from weights_conversion import CONTROLNET_NAME_MAP, export_state, save_adapter, save_file
     from weights_conversion.single_file import (
         CODI_CONFIG_KEY,

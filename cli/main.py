@@ -16,7 +16,13 @@ def _main() -> None:
     """CoDi: distil Stable Diffusion into a fast conditional generator (1-4 steps)."""
 
 
+from .convert import convert_weights  # noqa: E402
 from .prepare_data import prepare_data  # noqa: E402
+from .sample import sample  # noqa: E402
+
+app.command("sample")(sample)
+
+app.command("convert-weights")(convert_weights)
 
 app.command("prepare-data")(prepare_data)
 

@@ -95,10 +95,13 @@ def single_files(pipe, models, tmp_path_factory) -> dict[str, Path]:
 
 
 def randomized(module, seed: int):
-    leaves, treedef = jax.tree_util.tree_flatten(module, is_leaf=lambda x: x is None)
+    """Every parameter of `module` (or of an `eqx.filter_eval_shape` template) random."""
+    leaves, treedef = jax.tree_util.tree_flatten(
+        module, is_leaf=lambda x: x is None or isinstance(x, jax.ShapeDtypeStruct))
     rng = np.random.default_rng(seed)
     leaves = [
-        jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x
+        jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+        if eqx.is_inexact_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x
         for x in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -232,9 +235,10 @@ def _sd_conventions(family: str):
                               num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=8,
                               hidden_act="gelu" if linear else "quick_gelu")
     key = jax.random.key(5)
-    unet = randomized(UNet2DConditionModel(UNet2DConditionConfig.from_dict(unet_cfg), key=key), 6)
-    vae = randomized(AutoencoderKL(AutoencoderKLConfig.from_dict(vae_cfg), key=key), 7)
-    text = randomized(CLIPTextModel(text_cfg, key=key), 8)
+    ucfg, vcfg = UNet2DConditionConfig.from_dict(unet_cfg), AutoencoderKLConfig.from_dict(vae_cfg)
+    unet = randomized(eqx.filter_eval_shape(lambda: UNet2DConditionModel(ucfg, key=key)), 6)
+    vae = randomized(eqx.filter_eval_shape(lambda: AutoencoderKL(vcfg, key=key)), 7)
+    text = randomized(eqx.filter_eval_shape(lambda: CLIPTextModel(text_cfg, key=key)), 8)
     return unet, vae, text
 
 

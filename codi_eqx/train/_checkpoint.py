@@ -1,0 +1,160 @@
+"""Checkpoints under `output_dir/checkpoints/checkpoint-{step}/`, written atomically.
+
+A checkpoint holds:
+
+- `adapter/`: the EMA adapter in the project's format (`weights_conversion.save_adapter`), so
+  that any checkpoint can be sampled from (`load_adapter(.../adapter)`);
+- `state.eqx`: every array leaf of the `TrainState` (step, trained and EMA parameters, optimiser
+  state, PRNG key), written with `equinox.tree_serialise_leaves`; it is read back into a state
+  of the same structure rebuilt from the same configuration;
+- `data.json`: the loader's position (`DataLoader.state_dict()`);
+- `config.json`: the run's `TrainConfig`;
+- `checkpoint.json`: the step and a format tag, written last.
+
+The checkpoint is assembled in a temporary folder beside its final place, every file is
+fsynced, and the folder is renamed into place: a crash leaves either the whole checkpoint or
+none (temporary folders of a crashed write are removed by the next run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import equinox as eqx
+
+CHECKPOINT_FORMAT = "codi-eqx-checkpoint"
+CHECKPOINT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or read."""
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, `(step, path)` by increasing step."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / "checkpoint.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Optional[Path]:
+    """`latest` (None when the run has none yet: it starts afresh), or a checkpoint folder."""
+    if spec == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(spec)
+    if not path.is_absolute() and not path.exists():
+        path = checkpoints_dir(output_dir) / spec
+    if not (path / "checkpoint.json").is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a checkpoint folder "
+                              "(no checkpoint.json); give `latest` or a checkpoint-STEP folder")
+    return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_partial(output_dir: str | os.PathLike) -> None:
+    """Remove the temporary folders of checkpoint writes that did not finish."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".checkpoint-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike, step: int, state: Any, *, adapter: Any,
+    data_state: dict, config: dict, total_limit: Optional[int] = None,
+) -> Path:
+    """Write `checkpoint-{step}` atomically, then keep only the newest `total_limit`."""
+    from weights_conversion import save_adapter
+
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter(adapter, tmp / "adapter")
+        eqx.tree_serialise_leaves(tmp / "state.eqx", state)
+        (tmp / "data.json").write_text(json.dumps(data_state, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "checkpoint.json").write_text(json.dumps(
+            {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step)}))
+        _fsync_tree(tmp)
+        if final.exists():
+            old = root / f".checkpoint-{step}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if total_limit is not None:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict, dict]:
+    """`(state, data_state, config)` from a checkpoint; `like` is a state of the same
+    structure (built from the same configuration) whose leaves are replaced."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a codi-eqx checkpoint")
+        state = eqx.tree_deserialise_leaves(path / "state.eqx", like)
+        data_state = json.loads((path / "data.json").read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e})") from None
+    except ValueError as e:  # a state of another structure or shape
+        raise CheckpointError(f"{path}: the checkpoint does not match this run's model and "
+                              f"options ({e})") from None
+    return state, data_state, config
