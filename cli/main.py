@@ -19,6 +19,9 @@ def _main() -> None:
 from .convert import convert_weights  # noqa: E402
 from .prepare_data import prepare_data  # noqa: E402
 from .sample import sample  # noqa: E402
+from .train import train  # noqa: E402
+
+app.command("train")(train)
 
 app.command("sample")(sample)
 

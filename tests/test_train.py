@@ -45,12 +45,24 @@ def base(model, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def runs(env):
-    """A: 4 steps uninterrupted. B: the same run, SIGINT after step 2. C: B resumed to 4."""
+    """A: 4 steps uninterrupted, with validation images. B: the same run, SIGINT after step 2. C: B resumed to 4."""
     root, model, data, _ = env
-    a = invoke(*base(model, data, root / "A"))
+    a = invoke(*base(model, data, root / "A", "--validation_prompt", "a cat",
+                     "--validation_image", data / "processed_images" / "image_0.png",
+                     "--validation_steps", 4, "--num_validation_images", 2,
+                     "--validation_inference_steps", 2))
     b = invoke(*base(model, data, root / "B", "--debug_signal_at_step", 2))
     c = invoke(*base(model, data, root / "B", "--resume_from_checkpoint", "latest"))
     return root, a, b, c
+
+
+def why(r):
+    """The output of a CLI run, with the traceback of an unexpected exception."""
+    import traceback
+
+    if r.exc_info and not isinstance(r.exception, SystemExit):
+        return r.output + "".join(traceback.format_exception(*r.exc_info))
+    return r.output
 
 
 def rows(out):
@@ -61,7 +73,7 @@ def test_end_to_end_run_writes_adapter_checkpoints_and_metrics(runs):
     from weights_conversion import load_adapter
 
     root, a, _, _ = runs
-    assert a.exit_code == 0, a.output
+    assert a.exit_code == 0, why(a)
     out = root / "A"
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
@@ -76,6 +88,10 @@ def test_end_to_end_run_writes_adapter_checkpoints_and_metrics(runs):
     assert [r["epoch"] for r in m] == [0, 0, 1, 1]  # 8 examples, global batch 4
     adapter = load_adapter(out)
     assert adapter.controlnet_cond_embedding is not None
+    # Validation: the EMA adapter's few-step grid at step 4, the teacher's DDIM grid beside it.
+    for name in ("step-0000004.png", "teacher-ddim.png"):
+        with Image.open(out / "validation" / name) as im:
+            assert im.size == (64, 32)  # 2 images of 32 x 32 in a row
 
 
 def test_interrupt_checkpoints_and_resume_is_exact(runs):
@@ -83,9 +99,9 @@ def test_interrupt_checkpoints_and_resume_is_exact(runs):
     import jax
 
     root, a, b, c = runs
-    assert b.exit_code == 130, b.output
+    assert b.exit_code == 130, why(b)
     assert "interrupted at step 2" in b.output
-    assert c.exit_code == 0, c.output
+    assert c.exit_code == 0, why(c)
     a_ad, c_ad = load_adapter(root / "A"), load_adapter(root / "B")
     la, lc = jax.tree.leaves(a_ad), jax.tree.leaves(c_ad)
     assert len(la) == len(lc) > 0
@@ -102,7 +118,7 @@ def test_nan_guard_and_corrupt_images(env, runs):
     root, model, _, bad = env
     out = root / "D"
     r = invoke(*base(model, bad, out, "--debug_nan_at_step", 3))
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 1, why(r)
     err = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "non-finite loss at step 3" in err[0]
     assert "checkpoint-2" in err[0]
@@ -183,3 +199,42 @@ def test_bad_inputs_are_one_line_usage_errors(env, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
         assert needle in r.output, r.output
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_the_uninterrupted_run(env, runs):
+    """A run killed with SIGKILL after its first checkpoint resumes to the same adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import jax
+
+    from weights_conversion import load_adapter
+
+    root, model, data, _ = env
+    out = root / "K"
+    args = [str(a) for a in base(model, data, out)]
+    args[args.index("--checkpointing-steps") + 1] = "1"
+    code = ("import typer; from cli.train import train; app = typer.Typer(); "
+            "app.command()(train); app()")
+    env_vars = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=Path(__file__).parents[1],
+                            env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while not (out / "checkpoints" / "checkpoint-1" / "checkpoint.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended too early"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = invoke(*base(model, data, out, "--resume_from_checkpoint", "latest"))
+    assert r.exit_code == 0, why(r)
+    for x, y in zip(jax.tree.leaves(load_adapter(root / "A")), jax.tree.leaves(load_adapter(out))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert [row["loss"] for row in rows(out)] == [row["loss"] for row in rows(root / "A")]

@@ -119,15 +119,18 @@ def make_train_step(
         )(p_dyn, e_dyn, f_dyn, batch, step_key, batch_key)
 
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = state.tx.update(grads, state.opt_state, p_dyn)
+        # optax mixes Python floats and int32 step counts internally.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = state.tx.update(grads, state.opt_state, p_dyn)
+            lr = (
+                jnp.asarray(lr_fn(state.step), jnp.float32) if lr_fn is not None
+                else jnp.zeros((), jnp.float32)
+            )
         params = eqx.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, ema_decay)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
-        metrics["lr"] = (
-            jnp.asarray(lr_fn(state.step), jnp.float32) if lr_fn is not None
-            else jnp.zeros((), jnp.float32)
-        )
+        metrics["lr"] = lr
         new_state = TrainState(
             step=state.step + 1, params=params, ema=ema, opt_state=opt_state, key=state.key,
             tx=state.tx,

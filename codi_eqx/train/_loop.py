@@ -357,7 +357,6 @@ def train(config: TrainConfig, *, progress: Any = None,
     `progress`: a rich `Progress` (or None for no bar). Raises `TrainConfigError` for bad
     options or inputs (before any work), `CheckpointError` for an unreadable checkpoint, and
     `TrainingError` when the loss stops being finite."""
-    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
@@ -496,6 +495,7 @@ def train(config: TrainConfig, *, progress: Any = None,
                 _validate(config, pipe, state.ema, step, out / "validation", metrics_log,
                           first=not validated)
     finally:
+        it.close()  # stops the loader's background workers
         metrics_log.close()
         if loader.skipped:
             _note(f"note: skipped {loader.skipped} unreadable image(s), e.g. "
