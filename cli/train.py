@@ -76,6 +76,11 @@ def train(
     strict: Annotated[bool, _opt(
         "strict", "Stop on an unreadable image instead of skipping and counting it.",
         _DATA)] = False,
+    cache_latents: Annotated[Optional[str], _opt(
+        "cache_latents", "A folder caching each image's VAE posterior (mean, log-variance) and "
+        "each caption's text embeddings: the first epoch fills it, later epochs and runs skip "
+        "the VAE encoder and the text encoder. Tied to the dataset, resolution, model and "
+        "--mixed_precision.", _DATA)] = None,
     train_batch_size: Annotated[int, _opt(
         "train_batch_size", "Examples per device per micro-step (as in the seed); the global "
         "batch is this x devices x --gradient_accumulation_steps.", _OPTIM)] = 1,
@@ -189,7 +194,10 @@ def train(
     debug_nan_at_step: Annotated[Optional[int], _opt(
         "debug_nan_at_step", "Testing hook: make step N's batch NaN.", hidden=True)] = None,
     debug_signal_at_step: Annotated[Optional[int], _opt(
-        "debug_signal_at_step", "Testing hook: SIGINT after step N.", hidden=True)] = None,
+        "debug_signal_at_step", "Testing hook: a signal after step N.", hidden=True)] = None,
+    debug_signal: Annotated[str, _opt(
+        "debug_signal", "Testing hook: the signal of --debug_signal_at_step (SIGINT or "
+        "SIGTERM).", hidden=True)] = "SIGINT",
 ) -> None:
     """Distil a Stable Diffusion model with CoDi into a few-step conditional generator.
 

@@ -182,8 +182,9 @@ def test_devices_and_accumulation_match_one_device():
         # Norm-wise relative difference of all trained parameters (AdamW normalises each
         # gradient component, so components whose true gradient is at float-noise level move
         # by ~lr either way; the norm over the parameter vector is the meaningful measure).
-        diff = math.sqrt(sum(float(jnp.sum(jnp.square(x - y))) for x, y in zip(p, q)))
-        norm = math.sqrt(sum(float(jnp.sum(jnp.square(y))) for y in q))
+        p, q = [np.asarray(x, np.float64) for x in p], [np.asarray(y, np.float64) for y in q]
+        diff = math.sqrt(sum(float(np.sum(np.square(x - y))) for x, y in zip(p, q)))
+        norm = math.sqrt(sum(float(np.sum(np.square(y))) for y in q))
         worst = diff / norm
         print(f"[parallel] devices={devices} accum={accum}: loss {hist[-1]['loss']:.6e} vs "
               f"{ref[-1]['loss']:.6e}, max relative parameter difference {worst:.2e}")

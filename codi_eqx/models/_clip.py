@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..nn import Embedding, LayerNorm, Linear
+from ..nn._attention import attention_implementation
 
 
 def quick_gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
@@ -174,7 +175,9 @@ class CLIPAttention(eqx.Module):
         # q, k, v share one dtype; JAX's attention promotes internally to float32 logits,
         # which strict dtype promotion would refuse for bfloat16 / float16 inputs.
         with jax.numpy_dtype_promotion("standard"):
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=self.causal, implementation=attention_implementation(q)
+            )
         return self.out_proj(out.reshape(seq, -1))
 
 

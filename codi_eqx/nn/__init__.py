@@ -1,6 +1,7 @@
 """Building blocks shared by the models: layers in PyTorch's layout, attention, resnets."""
 
 from ._attention import Attention as Attention
+from ._attention import attention_implementation as attention_implementation
 from ._layers import Conv2d as Conv2d
 from ._layers import Embedding as Embedding
 from ._layers import GroupNorm as GroupNorm

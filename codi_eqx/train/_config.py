@@ -43,6 +43,9 @@ class TrainConfig:
     max_train_samples: Optional[int] = None
     dataloader_num_workers: int = 0
     strict: bool = False
+    cache_latents: Optional[str] = None
+    """A folder caching each image's VAE posterior and each caption's text embeddings: the
+    first epoch fills it, later epochs and runs skip both encoders."""
     # --- schedule -----------------------------------------------------------------------
     train_batch_size: int = 1
     """Per device, as in the seed; the global batch is this x devices x accumulation steps."""
@@ -101,7 +104,10 @@ class TrainConfig:
     debug_nan_at_step: Optional[int] = field(default=None)
     """Testing hook: the batch of this step (1-based) is made NaN, to exercise the guard."""
     debug_signal_at_step: Optional[int] = field(default=None)
-    """Testing hook: after this step the run sends itself SIGINT, to exercise the handler."""
+    """Testing hook: after this step the run sends itself `debug_signal`, to exercise the
+    handler."""
+    debug_signal: str = field(default="SIGINT")
+    """Testing hook: the signal of `debug_signal_at_step`: SIGINT or SIGTERM."""
 
     def __post_init__(self):
         object.__setattr__(self, "validation_prompt", tuple(self.validation_prompt or ()))
@@ -128,6 +134,8 @@ class TrainConfig:
             raise TrainConfigError(
                 f"{len(self.validation_image)} --validation_image for {len(self.validation_prompt)} "
                 "--validation_prompt: give one image, or one per prompt")
+        if self.debug_signal not in ("SIGINT", "SIGTERM"):
+            raise TrainConfigError(f"--debug_signal {self.debug_signal!r}: expected SIGINT or SIGTERM")
         if self.validation_image and not self.validation_prompt:
             raise TrainConfigError("--validation_image needs --validation_prompt")
         if self.validation_prompt and self.distill_type == "conditional" and not self.validation_image:

@@ -159,6 +159,17 @@ def plan(config: TrainConfig) -> Plan:
     for image in config.validation_image:
         if not Path(image).is_file():
             raise TrainConfigError(f"--validation_image {image}: no such file")
+        try:
+            from PIL import Image
+
+            with Image.open(image) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+            raise TrainConfigError(f"--validation_image {image}: not a readable image "
+                                   f"({type(e).__name__}: {e})") from None
+    if config.cache_latents and Path(config.cache_latents).exists() and not Path(
+            config.cache_latents).is_dir():
+        raise TrainConfigError(f"--cache_latents {config.cache_latents}: not a folder")
     return Plan(root, factor, dataset, n_dev, gbs, steps_per_epoch, max_steps,
                 prediction_type, notes)
 
@@ -180,6 +191,76 @@ def _compiled_step(distill_cfg, optim_cfg, accum: int, mesh):
                                ema_decay=optim_cfg.ema_decay, lr_fn=lr_schedule(optim_cfg))
         _STEPS[key] = (tx, step)
     return _STEPS[key]
+
+
+# --- the latent cache ----------------------------------------------------------------------------
+
+
+class _Encoders:
+    """The frozen VAE encoder and text encoder as batched jitted functions for the latent
+    cache's misses. Inputs are padded to the loader's batch size, so each compiles once."""
+
+    def __init__(self, pipe, batch_size: int):
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+
+        self.pipe, self.batch_size = pipe, batch_size
+        self.images = self.captions = 0
+        dtype = pipe.vae.encoder.conv_in.weight.dtype
+
+        def posterior(vae, x):
+            def one(im):
+                post = vae.encode(im.astype(dtype))
+                return post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32)
+            return jax.vmap(one)(x)
+
+        def texts(text_encoder, ids):
+            return jax.vmap(text_encoder)(ids).astype(jnp.float32)
+
+        self._posterior = eqx.filter_jit(posterior)
+        self._texts = eqx.filter_jit(texts)
+
+    def _pad(self, n: int) -> int:
+        return -(-n // self.batch_size) * self.batch_size
+
+    def encode_images(self, pixels: np.ndarray) -> tuple:
+        import jax
+
+        n = len(pixels)
+        padded = np.zeros((self._pad(n), *pixels.shape[1:]), np.float32)
+        padded[:n] = pixels
+        with jax.numpy_dtype_promotion("standard"):
+            mean, logvar = jax.device_get(self._posterior(self.pipe.vae, padded))
+        self.images += n
+        return mean[:n], logvar[:n]
+
+    def encode_texts(self, captions: list) -> np.ndarray:
+        import jax
+
+        n = len(captions)
+        ids = np.asarray(self.pipe.tokenize(list(captions) + [""] * (self._pad(n) - n)))
+        with jax.numpy_dtype_promotion("standard"):
+            emb = jax.device_get(self._texts(self.pipe.text_encoder, ids))
+        self.captions += n
+        return emb[:n]
+
+
+def _open_cache(config: TrainConfig, p: Plan):
+    """The `LatentCache` of `--cache_latents` (None without it); a cache made for another
+    dataset, resolution, model or precision is a usage error."""
+    if not config.cache_latents:
+        return None
+    from ..data import DataError, LatentCache
+
+    encoder = f"{p.model_path.resolve()}|{config.dtype_name}"
+    try:
+        return LatentCache(config.cache_latents, fingerprint=p.dataset.fingerprint,
+                           resolution=config.resolution, encoder=encoder)
+    except DataError as e:
+        raise TrainConfigError(f"--cache_latents: {e}") from None
+    except OSError as e:
+        raise TrainConfigError(f"--cache_latents {config.cache_latents}: {e}") from None
 
 
 # --- metrics and trackers ------------------------------------------------------------------------
@@ -290,6 +371,8 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
     `num_validation_images` per prompt), and the teacher's DDIM samples at the first one."""
     import dataclasses
 
+    import jax
+
     from ..data import image_to_array
     from ..sampling import generate
 
@@ -307,14 +390,17 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
                   distill_learning_steps=config.distill_learning_steps,
                   height=config.resolution, width=config.resolution)
     out.mkdir(parents=True, exist_ok=True)
-    imgs = generate(sample_pipe, ema.adapter, prompts, steps=config.validation_inference_steps,
-                    sampler="codi", timestep_scaling=config.distill_timestep_scaling, **common)
+    with jax.numpy_dtype_promotion("standard"):  # see the step call in `train`
+        imgs = generate(sample_pipe, ema.adapter, prompts,
+                        steps=config.validation_inference_steps, sampler="codi",
+                        timestep_scaling=config.distill_timestep_scaling, **common)
     grid = _grid(np.asarray(imgs), config.num_validation_images)
     _write_png(out / f"step-{step:07d}.png", grid)
     metrics.log_images("validation/codi", grid, step)
     if first and not (out / "teacher-ddim.png").exists():
-        teacher = generate(pipe, ema.adapter if control is not None else None, prompts,
-                           sampler="ddim", steps=50, **common)
+        with jax.numpy_dtype_promotion("standard"):
+            teacher = generate(pipe, ema.adapter if control is not None else None, prompts,
+                               sampler="ddim", steps=50, **common)
         tgrid = _grid(np.asarray(teacher), config.num_validation_images)
         _write_png(out / "teacher-ddim.png", tgrid)
         metrics.log_images("validation/teacher_ddim", tgrid, step)
@@ -371,6 +457,7 @@ def train(config: TrainConfig, *, progress: Any = None,
     p = plan(config)
     for line in p.notes:
         _note(line)
+    cache = _open_cache(config, p)
     if on_plan is not None:
         on_plan(p)
     main = is_main_process()
@@ -400,6 +487,10 @@ def train(config: TrainConfig, *, progress: Any = None,
     params = Trainable(adapter, unet=pipe.unet if config.full_codi else None)
     frozen = make_frozen(None if config.full_codi else pipe.unet, pipe.vae, pipe.text_encoder,
                          pipe.schedule, null_input_ids=pipe.tokenize([""])[0])
+    if cache is not None:
+        # The step reads cached latents / embeddings: it never sees the encoders.
+        frozen = make_frozen(frozen.unet, None, None, frozen.schedule,
+                             null_embedding=frozen.null_embedding)
     state = init_train_state(params, tx, key=state_key)
     del adapter, params
 
@@ -408,6 +499,30 @@ def train(config: TrainConfig, *, progress: Any = None,
         seed=config.seed, proportion_empty_prompts=config.proportion_empty_prompts,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_workers=config.dataloader_num_workers, strict=config.strict)
+    encoders = None
+    if cache is not None:
+        encoders = _Encoders(pipe, loader.local_batch_size)
+        scaling = float(pipe.vae.scaling_factor)
+        shift = pipe.vae.shift_factor
+
+    def to_step_batch(raw: dict) -> dict:
+        """The step's batch: cached encoder outputs with --cache_latents (misses encoded and
+        stored), else pixels and token ids (the step encodes them)."""
+        if cache is None:
+            batch = {"pixel_values": raw["pixel_values"],
+                     "input_ids": np.asarray(pipe.tokenize(raw["caption"]))}
+        else:
+            enc = cache.encode(raw, encoders.encode_images, encoders.encode_texts)
+            mean = enc["latent_mean"]
+            if shift is not None:  # (z - shift) * scaling == (mean - shift + std eps) * scaling
+                mean = mean - np.float32(shift)
+            batch = {"latent_mean": mean, "latent_logvar": enc["latent_logvar"],
+                     "scaling_factor": np.full((len(mean),), scaling, np.float32),
+                     "text_embeddings": enc["text_embeddings"]}
+        if config.distill_type == "conditional":
+            batch["conditioning_pixel_values"] = raw["conditioning_pixel_values"]
+        return batch
+
     start = 0
     if resume_path is not None:
         state, data_state, _ = load_checkpoint(resume_path, state)
@@ -435,13 +550,15 @@ def train(config: TrainConfig, *, progress: Any = None,
             while step < p.max_train_steps and stop.signum is None:
                 epoch = loader.state_dict()["epoch"]
                 raw = next(it)
-                batch = {"pixel_values": raw["pixel_values"],
-                         "input_ids": np.asarray(pipe.tokenize(raw["caption"]))}
-                if config.distill_type == "conditional":
-                    batch["conditioning_pixel_values"] = raw["conditioning_pixel_values"]
+                batch = to_step_batch(raw)
                 if config.debug_nan_at_step == step + 1:
-                    batch["pixel_values"] = batch["pixel_values"] * np.float32("nan")
-                state, metrics = train_step(frozen, state, shard_batch(batch, mesh))
+                    first = "latent_mean" if cache is not None else "pixel_values"
+                    batch[first] = batch[first] * np.float32("nan")
+                # Promotion mode is a trace-time setting: the library's code is explicit about
+                # dtypes, but JAX's own bf16 attention backward mixes bf16 and f32, which a
+                # user's strict mode would refuse.
+                with jax.numpy_dtype_promotion("standard"):
+                    state, metrics = train_step(frozen, state, shard_batch(batch, mesh))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
                 t1 = time.perf_counter()
@@ -476,7 +593,7 @@ def train(config: TrainConfig, *, progress: Any = None,
                               first=not validated)
                     validated = True
                 if config.debug_signal_at_step == step:
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), getattr(signal, config.debug_signal))
             interrupted = stop.signum
         if interrupted is not None and main and not (
                 last_ckpt is not None and last_ckpt.name == f"checkpoint-{step}"):
@@ -500,9 +617,14 @@ def train(config: TrainConfig, *, progress: Any = None,
         if loader.skipped:
             _note(f"note: skipped {loader.skipped} unreadable image(s), e.g. "
                   f"{', '.join(loader.skipped_names[:3])}")
+        if encoders is not None:
+            _note(f"note: latent cache {config.cache_latents}: encoded {encoders.images} "
+                  f"image(s) and {encoders.captions} caption(s) in this run")
     return {"step": step, "loss": loss, "output_dir": str(out), "interrupted": interrupted,
             "skipped_images": loader.skipped,
-            "checkpoint": str(last_ckpt) if last_ckpt else None}
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "encoded_images": None if encoders is None else encoders.images,
+            "encoded_captions": None if encoders is None else encoders.captions}
 
 
 __all__ = ["CheckpointError", "Plan", "TrainingError", "plan", "train"]
