@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", choices=["auto", "xla"], default="auto")
-    ap.add_argument("--what", default="step,sample")
+    ap.add_argument("--what", default="step,sample", help="step, cfg (guidance-aware step too), sample")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.attention == "xla":
@@ -75,6 +75,7 @@ def main() -> None:
     unet = eqx.filter_jit(lambda k: UNet2DConditionModel(cfg, dtype=dtype, key=k))(jax.random.key(0))
     adapter = ControlNetModel.from_unet(unet, key=jax.random.key(1))
     init_s = time.perf_counter() - t0
+    print(f"init {init_s:.1f} s", flush=True)
     n_unet = sum(a.size for a in jax.tree.leaves(eqx.filter(unet, eqx.is_array)))
     n_adapter = sum(a.size for a in jax.tree.leaves(eqx.filter(adapter, eqx.is_array)))
     sched = NoiseSchedule.from_config(SCHEDULER)
@@ -91,8 +92,10 @@ def main() -> None:
         null = jnp.zeros((L, D), jnp.float32)
         frozen = distill.make_frozen(unet, None, None, sched, null_embedding=null)
         mesh = make_mesh(jax.devices()[:1])
-        for name, dcfg in (("step", distill.DistillConfig()),
-                           ("step_cfg_aware", distill.DistillConfig(cfg_aware_distill=True))):
+        variants = [("step", distill.DistillConfig())]
+        if "cfg" in args.what:
+            variants.append(("step_cfg_aware", distill.DistillConfig(cfg_aware_distill=True)))
+        for name, dcfg in variants:
             ocfg = distill.OptimConfig()
             state = replicate(distill.init_train_state(distill.Trainable(adapter), distill.make_optimizer(ocfg),
                                                        key=jax.random.key(2)), mesh)
@@ -121,6 +124,7 @@ def main() -> None:
             rows[f"{name}_s"] = round(sec, 4)
             rows[f"{name}_examples_per_s"] = round(B / sec, 2)
             rows[f"{name}_compiles"] = step.num_traces()
+            print({k: rows[k] for k in rows if k.startswith(name)}, flush=True)
             del state, holder
 
     if "sample" in args.what:
@@ -149,6 +153,7 @@ def main() -> None:
                 jax.block_until_ready(fn())
                 rows[f"sample_{kind}{steps}_compile_s"] = round(time.perf_counter() - t0, 2)
                 rows[f"sample_{kind}{steps}_s"] = round(timed(fn, args.repeats), 4)
+                print({k: rows[k] for k in rows if k.startswith(f"sample_{kind}")}, flush=True)
 
     print("command: python " + " ".join(sys.argv))
     width = max(len(k) for k in rows)

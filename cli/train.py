@@ -232,14 +232,14 @@ def _run(values: dict, dry_run: bool) -> None:
 
     try:
         config = TrainConfig(**values)
+        p = plan(config)  # every check that needs no weights, before the progress bar starts
         if dry_run:
-            p = plan(config)
             for line in p.notes:
                 note(line)
             print(json.dumps(p.describe(config), indent=2))
             return
         with progress() as bar:
-            summary = run_training(config, progress=bar)
+            summary = run_training(config, progress=bar, checked=p)
     except (TrainConfigError, CheckpointError) as e:
         raise CodiUsageError(str(e)) from None
     except (TrainingError, DataError) as e:

@@ -176,7 +176,7 @@ class CLIPAttention(eqx.Module):
         # which strict dtype promotion would refuse for bfloat16 / float16 inputs.
         with jax.numpy_dtype_promotion("standard"):
             out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.causal, implementation=attention_implementation(q)
+                q, k, v, is_causal=self.causal, implementation=attention_implementation(q, k)
             )
         return self.out_proj(out.reshape(seq, -1))
 

@@ -135,7 +135,8 @@ class TrainConfig:
                 f"{len(self.validation_image)} --validation_image for {len(self.validation_prompt)} "
                 "--validation_prompt: give one image, or one per prompt")
         if self.debug_signal not in ("SIGINT", "SIGTERM"):
-            raise TrainConfigError(f"--debug_signal {self.debug_signal!r}: expected SIGINT or SIGTERM")
+            raise TrainConfigError(
+                f"--debug_signal {self.debug_signal!r}: expected SIGINT or SIGTERM")
         if self.validation_image and not self.validation_prompt:
             raise TrainConfigError("--validation_image needs --validation_prompt")
         if self.validation_prompt and self.distill_type == "conditional" and not self.validation_image:

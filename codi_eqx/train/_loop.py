@@ -167,11 +167,15 @@ def plan(config: TrainConfig) -> Plan:
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise TrainConfigError(f"--validation_image {image}: not a readable image "
                                    f"({type(e).__name__}: {e})") from None
-    if config.cache_latents and Path(config.cache_latents).exists() and not Path(
-            config.cache_latents).is_dir():
-        raise TrainConfigError(f"--cache_latents {config.cache_latents}: not a folder")
-    return Plan(root, factor, dataset, n_dev, gbs, steps_per_epoch, max_steps,
-                prediction_type, notes)
+    p = Plan(root, factor, dataset, n_dev, gbs, steps_per_epoch, max_steps, prediction_type,
+             notes)
+    if config.cache_latents:
+        cache_dir = Path(config.cache_latents)
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise TrainConfigError(f"--cache_latents {cache_dir}: not a folder")
+        if (cache_dir / "cache.json").exists():
+            _open_cache(config, p)  # refuses a cache made for something else; writes nothing
+    return p
 
 
 # --- the compiled step, shared by runs of the same options --------------------------------------
@@ -435,12 +439,14 @@ class _Stop:
 
 
 def train(config: TrainConfig, *, progress: Any = None,
-          on_plan: Optional[Callable[[Plan], None]] = None) -> dict:
+          on_plan: Optional[Callable[[Plan], None]] = None,
+          checked: Optional[Plan] = None) -> dict:
     """Run CoDi distillation as `config` says; returns a summary dict (`step`, `loss`,
     `output_dir`, `interrupted` (the signal number or None), `skipped_images`,
     `checkpoint`).
 
-    `progress`: a rich `Progress` (or None for no bar). Raises `TrainConfigError` for bad
+    `progress`: a rich `Progress` (or None for no bar). `checked`: the `plan(config)` already
+    made by the caller (made here when None). Raises `TrainConfigError` for bad
     options or inputs (before any work), `CheckpointError` for an unreadable checkpoint, and
     `TrainingError` when the loss stops being finite."""
     import jax
@@ -454,7 +460,7 @@ def train(config: TrainConfig, *, progress: Any = None,
     from ..models import ControlNetModel
     from ..parallel import is_main_process, make_mesh, replicate, shard_batch
 
-    p = plan(config)
+    p = plan(config) if checked is None else checked
     for line in p.notes:
         _note(line)
     cache = _open_cache(config, p)
