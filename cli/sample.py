@@ -207,6 +207,18 @@ def _sample(
             raise CodiUsageError(f"--adapter {adapter} needs a condition image: give --control_image")
         if not needs and control is not None:
             raise CodiUsageError(f"--adapter {adapter} has no condition encoder: drop --control_image")
+        trained_unet = Path(adapter) / "unet"
+        if (trained_unet / "config.json").is_file():
+            # A full-CoDi run trains the UNet too and writes its EMA weights beside the adapter.
+            import dataclasses
+
+            from weights_conversion import load_unet
+
+            try:
+                pipe = dataclasses.replace(pipe, unet=load_unet(trained_unet, dtype=jdtype))
+            except ValueError as e:
+                raise CodiError(f"--adapter {adapter}: {e}") from None
+            note(f"using the UNet trained with the adapter: {trained_unet}")
     if sampler == "ddim" and steps > pipe.schedule.num_train_timesteps:
         raise CodiUsageError(f"--steps {steps} exceeds the model's "
                              f"{pipe.schedule.num_train_timesteps} training timesteps")
@@ -237,6 +249,10 @@ def _sample(
         "negative_prompt": negative_prompt, "seed": str(seed), "steps": str(steps),
         "sampler": sampler, "guidance_scale": str(guidance_scale), "model": str(model),
         "adapter": None if adapter is None else str(adapter),
+        "unet": (
+            str(Path(adapter) / "unet")
+            if adapter is not None and (Path(adapter) / "unet" / "config.json").is_file() else None
+        ),
         "controlnet_conditioning_scale": str(controlnet_conditioning_scale),
         "software": "codi-eqx",
     }

@@ -1,5 +1,6 @@
 """`codi sample` through Typer's CliRunner: PNGs with metadata, folders, one-line errors."""
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from cli.sample import sample
 from codi_eqx import ControlNetModel, load_pipeline, save_adapter
 from tiny_models import make_tiny_pipeline
+from weights_conversion import save_unet
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("sample")(sample)
@@ -26,6 +28,11 @@ def files(tmp_path_factory):
                  root / "adapter-cond")
     save_adapter(ControlNetModel.from_unet(pipe.unet, conditioning_channels=None, key=k2),
                  root / "adapter-plain")
+    # A full-CoDi output: adapter + the trained UNet beside it (here a perturbed copy).
+    save_adapter(ControlNetModel.from_unet(pipe.unet, conditioning_channels=None, key=k2),
+                 root / "adapter-full")
+    save_unet(eqx.tree_at(lambda u: u.conv_out.bias, pipe.unet, pipe.unet.conv_out.bias + 0.5),
+              root / "adapter-full" / "unet")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (100, 80, 3), np.uint8)).save(root / "edges.png")
     (root / "corrupt.png").write_bytes(b"not a png at all")
@@ -69,6 +76,21 @@ def test_grid_and_folder(files, tmp_path):
     # The grid's tiles are the folder's images (same seed, same indices).
     with Image.open(grid) as g, Image.open(folder / "0000.png") as a:
         np.testing.assert_array_equal(np.asarray(g)[:, :64], np.asarray(a))
+
+
+def test_full_codi_output_uses_its_trained_unet(files, tmp_path):
+    outs = {}
+    for name in ("adapter-plain", "adapter-full"):
+        out = tmp_path / f"{name}.png"
+        r = run("--model", files / "model", "--adapter", files / name, "--prompt", "x",
+                "--seed", 1, "--output", out)
+        assert r.exit_code == 0, r.output
+        with Image.open(out) as im:
+            outs[name] = (np.asarray(im), im.text.get("unet"))
+    assert "using the UNet trained with the adapter" in r.stderr
+    assert outs["adapter-full"][1] == str(files / "adapter-full" / "unet")
+    assert outs["adapter-plain"][1] in (None, "None")
+    assert not np.array_equal(outs["adapter-full"][0], outs["adapter-plain"][0])
 
 
 def test_adapter_with_control_image(files, tmp_path):
