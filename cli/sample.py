@@ -58,19 +58,6 @@ def _load_control_image(path: Path, resolution: Optional[int], factor: int):
     return np.asarray(img, np.float32) / 255.0
 
 
-def _grid(images):
-    import numpy as np
-
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    return grid
-
-
 def _png_info(meta: dict):
     from PIL.PngImagePlugin import PngInfo
 
@@ -186,7 +173,7 @@ def _sample(
     import jax.numpy as jnp
 
     from codi_eqx import load_adapter, load_pipeline
-    from codi_eqx.sampling import generate
+    from codi_eqx.sampling import generate, image_grid
 
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
     try:
@@ -258,7 +245,7 @@ def _sample(
     }
     image_prompts = [p for p in prompts for _ in range(num_images)]
     if as_file:
-        img = images[0] if total == 1 else _grid(images)
+        img = images[0] if total == 1 else image_grid(images)
         meta = {**base, "prompt": image_prompts[0] if len(set(prompts)) == 1 else prompts}
         if total > 1:
             meta["grid"] = f"{total} images, prompt by prompt, {num_images} per prompt"

@@ -6,6 +6,7 @@ from ._generate import decode_latents as decode_latents
 from ._generate import generate as generate
 from ._generate import sample_batch as sample_batch
 from ._generate import sampler_timesteps as sampler_timesteps
+from ._grid import image_grid as image_grid
 from ._guided import guided_model_output as guided_model_output
 from ._guided import model_output as model_output
 from ._samplers import codi_sample as codi_sample

@@ -351,16 +351,6 @@ class _Metrics:
 # --- validation images ---------------------------------------------------------------------------
 
 
-def _grid(images: np.ndarray, cols: int) -> np.ndarray:
-    n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    return grid
-
-
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
@@ -378,7 +368,7 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
     import jax
 
     from ..data import image_to_array
-    from ..sampling import generate
+    from ..sampling import generate, image_grid
 
     prompts = list(config.validation_prompt)
     control = None
@@ -398,14 +388,14 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
         imgs = generate(sample_pipe, ema.adapter, prompts,
                         steps=config.validation_inference_steps, sampler="codi",
                         timestep_scaling=config.distill_timestep_scaling, **common)
-    grid = _grid(np.asarray(imgs), config.num_validation_images)
+    grid = image_grid(np.asarray(imgs), config.num_validation_images)
     _write_png(out / f"step-{step:07d}.png", grid)
     metrics.log_images("validation/codi", grid, step)
     if first and not (out / "teacher-ddim.png").exists():
         with jax.numpy_dtype_promotion("standard"):
             teacher = generate(pipe, ema.adapter if control is not None else None, prompts,
                                sampler="ddim", steps=50, **common)
-        tgrid = _grid(np.asarray(teacher), config.num_validation_images)
+        tgrid = image_grid(np.asarray(teacher), config.num_validation_images)
         _write_png(out / "teacher-ddim.png", tgrid)
         metrics.log_images("validation/teacher_ddim", tgrid, step)
 
