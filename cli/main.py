@@ -17,6 +17,7 @@ def _main() -> None:
 
 
 from .convert import convert_weights  # noqa: E402
+from .demo import demo  # noqa: E402
 from .prepare_data import prepare_data  # noqa: E402
 from .sample import sample  # noqa: E402
 from .train import train  # noqa: E402
@@ -26,6 +27,7 @@ app.command("train")(train)
 app.command("sample")(sample)
 
 app.command("convert-weights")(convert_weights)
+app.command("demo")(demo)
 
 app.command("prepare-data")(prepare_data)
 
