@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import CodiError, CodiUsageError, note, progress, reported_errors
+from ._common import CodiError, CodiUsageError, fail, note, progress, reported_errors
 
 _DATA = "Data"
 _OPTIM = "Optimisation"
@@ -191,6 +191,19 @@ def train(
     dry_run: Annotated[bool, _opt(
         "dry_run", "Check the flags, model folder and dataset, print the resolved "
         "configuration as JSON, and stop.", _RUN)] = False,
+    distributed: Annotated[bool, _opt(
+        "distributed", "Multi-host run: start jax.distributed with the cluster detected "
+        "from the environment (TPU pods, SLURM, ...). Each process reads its share of every "
+        "global batch; only process 0 writes.", "Multi-host")] = False,
+    coordinator_address: Annotated[Optional[str], _opt(
+        "coordinator_address", "Multi-host run with an explicit coordinator HOST:PORT "
+        "(with --num_processes and --process_id).", "Multi-host")] = None,
+    num_processes: Annotated[Optional[int], _opt(
+        "num_processes", "Number of processes of an explicit multi-host run.", "Multi-host",
+        min=1)] = None,
+    process_id: Annotated[Optional[int], _opt(
+        "process_id", "This process's index in an explicit multi-host run.", "Multi-host",
+        min=0)] = None,
     debug_nan_at_step: Annotated[Optional[int], _opt(
         "debug_nan_at_step", "Testing hook: make step N's batch NaN.", hidden=True)] = None,
     debug_signal_at_step: Annotated[Optional[int], _opt(
@@ -207,6 +220,19 @@ def train(
     """
     values = dict(locals())
     values.pop("dry_run")
+    for name in ("distributed", "coordinator_address", "num_processes", "process_id"):
+        values.pop(name)
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        fail("--coordinator_address, --num_processes and --process_id go together", 2)
+    if distributed or coordinator_address is not None:
+        from codi_eqx.parallel import initialize_distributed
+
+        try:
+            initialize_distributed(coordinator_address, num_processes, process_id,
+                                   cpu_collectives="gloo")
+        except Exception as e:  # the cluster could not be joined
+            fail(f"cannot start jax.distributed: {str(e).splitlines()[0]}", 1)
     values["max_grad_norm"] = values["max_grad_norm"] or None
     values["validation_prompt"] = tuple(values["validation_prompt"] or ())
     values["validation_image"] = tuple(values["validation_image"] or ())

@@ -238,3 +238,47 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(env, runs):
     for x, y in zip(jax.tree.leaves(load_adapter(root / "A")), jax.tree.leaves(load_adapter(out))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert [row["loss"] for row in rows(out)] == [row["loss"] for row in rows(root / "A")]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(env, runs):
+    """`codi train --coordinator_address ... --num_processes 2 --process_id i`: 2 processes x 2
+    simulated CPU devices log the losses of the single-process 4-device run A, and only
+    process 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    root, model, data, _ = env
+    out = root / "multihost"
+    port = _free_port()
+    here = Path(__file__).parent
+    child_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                 "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]), "COLUMNS": "200"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from cli.main import app; app()", "train",
+             *map(str, base(model, data, out)), "--coordinator_address", f"127.0.0.1:{port}",
+             "--num_processes", "2", "--process_id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    got, want = rows(out), rows(root / "A")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        print(f"[multihost] step {g['step']}: loss {g['loss']:.6e} vs one process {w['loss']:.6e}")
+        assert abs(g["loss"] - w["loss"]) <= 1e-5 * abs(w["loss"])
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
