@@ -157,10 +157,12 @@ def load_state(
                 filled.append(leaf)
                 continue
         src = np.asarray(src)
+        # jnp.array copies: the parameters must not alias the memory-mapped file (or any
+        # host buffer the caller may free), since training donates them to XLA.
         if np.issubdtype(src.dtype, np.floating) or src.dtype.name == "bfloat16":
-            filled.append(jnp.asarray(src.astype(jnp.dtype(dtype), copy=False)))
+            filled.append(jnp.array(src.astype(jnp.dtype(dtype), copy=False)))
         else:
-            filled.append(jnp.asarray(src))
+            filled.append(jnp.array(src))
     unexpected = [by_key[k] for k in by_key if k not in used]
     problems = []
     if missing:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 
 CHECKPOINT_FORMAT = "codi-eqx-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -150,6 +152,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict, dict
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a codi-eqx checkpoint")
         state = eqx.tree_deserialise_leaves(path / "state.eqx", like)
+        # Own copies: the state is donated to the compiled step, so it must not alias the
+        # host buffers it was read into.
+        state = jax.tree.map(lambda a: jnp.array(a) if isinstance(a, jax.Array) else a, state)
         data_state = json.loads((path / "data.json").read_text())
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError, RuntimeError) as e:
