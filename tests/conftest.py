@@ -1,3 +1,4 @@
+import gc
 import os
 
 # Several simulated CPU devices for the data-parallel tests; must be set before jax starts.
@@ -21,3 +22,14 @@ def _torch_threads():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Each test module's compiled executables are released when it ends. On CPU every XLA
+    executable holds a few memory mappings until its jit cache entry goes; a whole suite run in
+    one process otherwise reaches the kernel's per-process limit (vm.max_map_count, 65530 by
+    default) and XLA aborts inside a later compilation."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -180,20 +181,27 @@ def plan(config: TrainConfig) -> Plan:
 
 # --- the compiled step, shared by runs of the same options --------------------------------------
 
-_STEPS: dict = {}
+# Least recently used first. Bounded: every compiled executable holds host memory and a few
+# memory mappings (on CPU), which a long-lived process must not accumulate without end.
+_STEPS: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_STEPS = 4
 
 
 def _compiled_step(distill_cfg, optim_cfg, accum: int, mesh):
     """`(tx, train_step)`, cached so that runs with the same options in one process (a resume,
-    tests, notebooks) reuse one compilation."""
+    tests, notebooks) reuse one compilation; the `_MAX_STEPS` most recently used are kept."""
     from ..distill import lr_schedule, make_optimizer, make_train_step
 
     key = (distill_cfg, optim_cfg, accum, tuple(d.id for d in mesh.devices.flat))
-    if key not in _STEPS:
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+    else:
         tx = make_optimizer(optim_cfg)
         step = make_train_step(distill_cfg, mesh, gradient_accumulation_steps=accum,
                                ema_decay=optim_cfg.ema_decay, lr_fn=lr_schedule(optim_cfg))
         _STEPS[key] = (tx, step)
+        while len(_STEPS) > _MAX_STEPS:
+            _STEPS.popitem(last=False)
     return _STEPS[key]
 
 
