@@ -24,12 +24,35 @@ def _torch_threads():
     yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_code():
-    """Each test module's compiled executables are released when it ends. On CPU every XLA
-    executable holds a few memory mappings until its jit cache entry goes; a whole suite run in
-    one process otherwise reaches the kernel's per-process limit (vm.max_map_count, 65530 by
-    default) and XLA aborts inside a later compilation."""
-    yield
+# On CPU every XLA executable holds memory mappings (tens for a training step) until its jit
+# cache entry goes. A whole suite in one process otherwise reaches the kernel's per-process
+# limit (vm.max_map_count, 65530 by default) and XLA aborts inside a later compilation.
+_MAPS_SOFT_LIMIT = 25_000
+
+
+def _mapping_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+def _release() -> None:
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code_per_module():
+    """Each test module's compiled executables are released when it ends."""
+    yield
+    _release()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code_when_many():
+    """Within a module that compiles a lot, release them early (later tests recompile)."""
+    yield
+    if _mapping_count() > _MAPS_SOFT_LIMIT:
+        _release()
