@@ -49,7 +49,8 @@ def make_train_step(
     mesh's `data` axis, and each device's share into `gradient_accumulation_steps`
     micro-batches. Each example draws its randomness from the step key folded with its
     global position, so N devices, or k micro-batches, compute what one device computes on
-    the whole batch (up to float summation order). The state is donated; `frozen` is not.
+    the whole batch (up to float summation order). The state is donated; `frozen` and the
+    batch are not.
 
     The returned function counts its compilations in `.num_traces`.
     """
@@ -137,10 +138,15 @@ def make_train_step(
         )
         return new_state, metrics
 
-    jitted = eqx.filter_jit(step, donate="all-except-first")
+    # Only the state is donated: the frozen weights and the batch stay valid for the caller
+    # (a batch may be reused, e.g. for evaluation; XLA would otherwise recycle its buffers
+    # whenever an output has a matching shape).
+    jitted = eqx.filter_jit(
+        lambda kept, state: step(kept[0], state, kept[1]), donate="all-except-first")
 
     def train_step(frozen: Frozen, state: TrainState, batch: dict):
-        return jitted(frozen, state, batch)
+        return jitted((frozen, batch), state)
 
     train_step.num_traces = lambda: traces[0]  # type: ignore[attr-defined]
+    train_step.lower = lambda frozen, state, batch: jitted.lower((frozen, batch), state)  # type: ignore[attr-defined]
     return train_step
