@@ -99,7 +99,8 @@ def main() -> None:
             t0 = time.perf_counter()
             generate(pipe, None, ["a photo of a cat"], height=res, width=res, seed=r + 1, **kw)
             times.append(time.perf_counter() - t0)
-        rows.append((name, kw["steps"], kw["guidance_scale"], first, min(times)))
+        rows.append((name, kw["steps"], kw["guidance_scale"], first, min(times, default=float("nan"))))
+        print(f"{name}: first call {first:.2f} s, after compile {rows[-1][-1]:.3f} s", flush=True)
     print()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"model: {args.model}, {res}x{res}, batch 1, device: {jax.devices()[0].device_kind} "
