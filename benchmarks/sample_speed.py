@@ -3,6 +3,7 @@ compilation, on the tiny test model or on an SD1.5-sized model with random weigh
 
     .venv/bin/python benchmarks/sample_speed.py --model tiny
     .venv/bin/python benchmarks/sample_speed.py --model sd15 --resolution 256
+    .venv/bin/python benchmarks/sample_speed.py --model tiny --reference   # + diffusers, ratios
 
 `sd15`: UNet with runwayml/stable-diffusion-v1-5's config (320/640/1280/1280, 8 heads,
 cross-attention 768, 2 layers per block), CLIP ViT-L/14 text encoder (768 wide, 12 layers,
@@ -72,6 +73,54 @@ def sd15_pipeline(tmp: Path) -> Pipeline:
     )
 
 
+def diffusers_pipeline(model: str, tmp: Path):
+    """The reference: diffusers' StableDiffusionPipeline (PyTorch, float32) of the same
+    architecture. tiny: the very same weights (loaded from the diffusers folder); sd15: random
+    weights of the same configs (weights do not change the time)."""
+    import diffusers
+    import torch
+    import transformers
+
+    if model == "tiny":
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(tmp / "tiny"), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        torch.manual_seed(0)
+        tok = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+        text_cfg = {k: v for k, v in SD15_TEXT.items() if k != "vocab_size"}
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=diffusers.AutoencoderKL(**SD15_VAE),
+            text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(
+                vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **text_cfg)),
+            tokenizer=tok, unet=diffusers.UNet2DConditionModel(**SD15_UNET),
+            scheduler=diffusers.DDIMScheduler.from_config(SD15_SCHEDULER),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)
+
+
+def time_diffusers(pipe, name: str, steps: int, guidance: float, res: int, repeats: int):
+    """First call and best later call of diffusers' pipeline. `codi` runs as diffusers'
+    LCMScheduler (the same consistency-model step: one UNet pass per step, boundary scalings,
+    fresh noise between steps); `ddim` as its DDIMScheduler, eta 0."""
+    import diffusers
+    import torch
+
+    cls = diffusers.LCMScheduler if name == "codi" else diffusers.DDIMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(["a photo of a cat"], height=res, width=res, num_inference_steps=steps,
+                 guidance_scale=guidance, generator=torch.Generator().manual_seed(r),
+                 output_type="np")
+        times.append(time.perf_counter() - t0)
+    return times[0], min(times[1:], default=float("nan"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -80,6 +129,9 @@ def main() -> None:
     ap.add_argument("--samplers", default="codi,ddim")
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed calls after the first (0: the first call only)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time diffusers' StableDiffusionPipeline (PyTorch) on the same "
+                         "architecture, in the same run, and print the ratios")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="codi-bench-"))
     if args.model == "tiny":
@@ -120,6 +172,18 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         rows.append((name, kw["steps"], kw["guidance_scale"], first, min(times, default=float("nan"))))
         print(f"{name}: first call {first:.2f} s, after compile {rows[-1][-1]:.3f} s", flush=True)
+    ref = {}
+    if args.reference:
+        import torch
+
+        t0 = time.perf_counter()
+        tpipe = diffusers_pipeline(args.model, tmp)
+        print(f"diffusers pipeline built: {time.perf_counter() - t0:.1f} s "
+              f"(torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
+        for name, steps, w, _, _ in rows:
+            ref[name] = time_diffusers(tpipe, name, steps, w, res, max(args.repeats, 1))
+            print(f"diffusers {name}: first call {ref[name][0]:.2f} s, "
+                  f"later {ref[name][1]:.3f} s", flush=True)
     print()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"model: {args.model}, {res}x{res}, batch 1, device: {jax.devices()[0].device_kind} "
@@ -127,6 +191,11 @@ def main() -> None:
     print(f"{'sampler':8} {'steps':>5} {'cfg':>5} {'first call (s)':>15} {'after compile (s)':>18}")
     for name, steps, w, first, best in rows:
         print(f"{name:8} {steps:5d} {w:5.1f} {first:15.2f} {best:18.3f}")
+    if ref:
+        print(f"\n{'sampler':8} {'diffusers first (s)':>20} {'diffusers later (s)':>20} "
+              f"{'codi-eqx / diffusers':>21}")
+        for name, _, _, _, best in rows:
+            print(f"{name:8} {ref[name][0]:20.2f} {ref[name][1]:20.3f} {best / ref[name][1]:21.2f}")
 
 
 if __name__ == "__main__":
