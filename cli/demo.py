@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from ._common import CodiError, CodiUsageError, atomic_path, note, progress, reported_errors
+from ._common import (
+    CodiError,
+    CodiUsageError,
+    CompilationCacheDirOption,
+    NoCompilationCacheOption,
+    atomic_path,
+    note,
+    progress,
+    reported_errors,
+    use_compilation_cache,
+)
 
 
 def demo(
@@ -21,16 +31,20 @@ def demo(
     steps: Annotated[int, typer.Option(
         "--steps", min=1, help="CoDi sampling steps for samples.png.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the model, data, training and sampling.")] = 0,
+    compilation_cache_dir: CompilationCacheDirOption = None,
+    no_compilation_cache: NoCompilationCacheOption = False,
 ) -> None:
     """Run the whole job on a built-in default: make a tiny random Stable Diffusion model and
     a small edge-to-image dataset, distil it with CoDi for a few steps, then sample with the
     trained adapter. Offline, on a CPU, in a few minutes; it shows every piece working, not
     good images (the model's weights are random)."""
     with reported_errors():
-        _run(output_dir, max_train_steps, steps, seed)
+        _run(output_dir, max_train_steps, steps, seed, compilation_cache_dir,
+             no_compilation_cache)
 
 
-def _run(out: Path, max_train_steps: int, steps: int, seed: int) -> None:
+def _run(out: Path, max_train_steps: int, steps: int, seed: int,
+         cache_dir: Optional[Path], no_cache: bool) -> None:
     import numpy as np
     from PIL import Image
 
@@ -41,6 +55,7 @@ def _run(out: Path, max_train_steps: int, steps: int, seed: int) -> None:
 
     if (out / "run").exists():
         raise CodiUsageError(f"{out / 'run'} exists: choose another OUTPUT_DIR or remove it")
+    use_compilation_cache(cache_dir, no_cache)  # before the model is made (that compiles)
     note(f"making a tiny random model in {out / 'model'} and a dataset in {out / 'dataset'}")
     model = make_demo_model(out / "model", seed=seed)
     data = make_demo_dataset(out / "dataset", seed=seed)

@@ -10,7 +10,17 @@ from typing import Optional
 
 import typer
 
-from ._common import CodiError, CodiUsageError, atomic_path, note, progress, reported_errors
+from ._common import (
+    CodiError,
+    CodiUsageError,
+    CompilationCacheDirOption,
+    NoCompilationCacheOption,
+    atomic_path,
+    note,
+    progress,
+    reported_errors,
+    use_compilation_cache,
+)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -119,6 +129,8 @@ def sample(
     output: Path = typer.Option(
         Path("sample.png"), "--output", "-o", help="A .png file (one image, or a grid of "
         "several), or a folder (one PNG per image)."),
+    compilation_cache_dir: CompilationCacheDirOption = None,
+    no_compilation_cache: NoCompilationCacheOption = False,
 ) -> None:
     """Generate images with a CoDi adapter (1-4 steps) or the teacher (DDIM)."""
     with reported_errors():
@@ -128,7 +140,8 @@ def sample(
 def _sample(
     *, prompt, prompt_file, model, adapter, negative_prompt, control_image, resolution, steps,
     guidance_scale, seed, num_images, sampler, distill_learning_steps, timestep_scaling,
-    controlnet_conditioning_scale, dtype, batch_size, output,
+    controlnet_conditioning_scale, dtype, batch_size, output, compilation_cache_dir,
+    no_compilation_cache,
 ) -> None:
     # Everything checkable without the model first, so that mistakes cost nothing.
     if sampler not in ("codi", "ddim"):
@@ -170,6 +183,7 @@ def _sample(
         raise CodiUsageError(f"--output {output}: exists and is not a folder (give a .png path "
                              "or a folder)")
 
+    use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
     import jax.numpy as jnp
 
     from codi_eqx import load_adapter, load_pipeline

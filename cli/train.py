@@ -4,16 +4,28 @@ and kebab-case twins."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import CodiError, CodiUsageError, fail, note, progress, reported_errors
+from ._common import (
+    COMPILATION_CACHE_DIR_HELP,
+    NO_COMPILATION_CACHE_HELP,
+    CodiError,
+    CodiUsageError,
+    fail,
+    note,
+    progress,
+    reported_errors,
+    use_compilation_cache,
+)
 
 _DATA = "Data"
 _OPTIM = "Optimisation"
 _DISTILL = "Distillation"
 _RUN = "Logging, checkpoints, validation"
+_CACHE = "Compilation cache"
 
 
 def _opt(name: str, help: str, panel: Optional[str] = None, *aliases: str, **kw):
@@ -204,6 +216,10 @@ def train(
     process_id: Annotated[Optional[int], _opt(
         "process_id", "This process's index in an explicit multi-host run.", "Multi-host",
         min=0)] = None,
+    compilation_cache_dir: Annotated[Optional[Path], _opt(
+        "compilation_cache_dir", COMPILATION_CACHE_DIR_HELP, _CACHE)] = None,
+    no_compilation_cache: Annotated[bool, _opt(
+        "no_compilation_cache", NO_COMPILATION_CACHE_HELP, _CACHE)] = False,
     debug_nan_at_step: Annotated[Optional[int], _opt(
         "debug_nan_at_step", "Testing hook: make step N's batch NaN.", hidden=True)] = None,
     debug_signal_at_step: Annotated[Optional[int], _opt(
@@ -220,11 +236,14 @@ def train(
     """
     values = dict(locals())
     values.pop("dry_run")
-    for name in ("distributed", "coordinator_address", "num_processes", "process_id"):
+    for name in ("distributed", "coordinator_address", "num_processes", "process_id",
+                 "compilation_cache_dir", "no_compilation_cache"):
         values.pop(name)
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         fail("--coordinator_address, --num_processes and --process_id go together", 2)
+    if not dry_run:  # before anything compiles
+        use_compilation_cache(compilation_cache_dir, no_compilation_cache)
     if distributed or coordinator_address is not None:
         from codi_eqx.parallel import initialize_distributed
 

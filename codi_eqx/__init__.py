@@ -3,6 +3,8 @@
 from . import diffusion as diffusion
 from . import models as models
 from . import nn as nn
+from ._compilation_cache import disable_compilation_cache as disable_compilation_cache
+from ._compilation_cache import enable_compilation_cache as enable_compilation_cache
 from ._pipeline import Pipeline as Pipeline
 from ._pipeline import load_pipeline as load_pipeline
 from .models import AutoencoderKL as AutoencoderKL

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# CLI tests run in-process: no persistent compilation cache (tests/test_compilation_cache.py
+# turns it on for its own subprocesses).
+os.environ.setdefault("CODI_NO_COMPILATION_CACHE", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

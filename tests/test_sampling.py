@@ -82,12 +82,14 @@ def test_codi_sampler_matches_spec(prediction_type, N, steps):
             z = math.sqrt(abar[nxt]) * x + math.sqrt(1 - abar[nxt]) * e_hat
         traj.append(z)
 
-    x, got = eqx.filter_jit(codi_sample)(
-        _fake_model, schedule, jnp.asarray(z0, jnp.float32), np.asarray(ts, np.int32),
-        timestep_scaling=tau,
-    )
-    np.testing.assert_allclose(np.asarray(got), np.stack(traj), rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(got[-1]))
+    # Concrete timesteps (a tuple is static under filter_jit) run the unrolled Python loop,
+    # traced ones the lax.scan: both follow the spec.
+    for timesteps in (tuple(ts), np.asarray(ts, np.int32)):
+        x, got = eqx.filter_jit(codi_sample)(
+            _fake_model, schedule, jnp.asarray(z0, jnp.float32), timesteps, timestep_scaling=tau,
+        )
+        np.testing.assert_allclose(np.asarray(got), np.stack(traj), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(got[-1]))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -111,13 +113,13 @@ def test_ddim_matches_diffusers(prediction_type, spacing, steps):
         sample = ref.step(f, t, sample).prev_sample
         ref_traj.append(sample.numpy())
 
-    _, traj = eqx.filter_jit(ddim_sample)(
-        _fake_model, schedule, jnp.asarray(z0), np.asarray(ts, np.int32),
-        np.asarray(prev, np.int32),
-    )
-    for i, want in enumerate(ref_traj):
-        np.testing.assert_allclose(np.asarray(traj[i]), want, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"step {i}")
+    for timesteps, previous in ((tuple(ts), tuple(prev)),  # unrolled loop, then lax.scan
+                                (np.asarray(ts, np.int32), np.asarray(prev, np.int32))):
+        _, traj = eqx.filter_jit(ddim_sample)(
+            _fake_model, schedule, jnp.asarray(z0), timesteps, previous)
+        for i, want in enumerate(ref_traj):
+            np.testing.assert_allclose(np.asarray(traj[i]), want, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"step {i}")
 
 
 @eqx.filter_jit

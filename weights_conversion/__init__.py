@@ -7,6 +7,8 @@ from ._diffusers import read_tensors as read_tensors
 from ._errors import WeightsError as WeightsError
 from ._mapping import NameMap as NameMap
 from ._mapping import export_state as export_state
+from ._mapping import stored_axes as stored_axes
+from ._mapping import to_checkpoint_layout as to_checkpoint_layout
 from ._mapping import load_state as load_state
 from ._mapping import module_keys as module_keys
 from ._safetensors import SafetensorsFile as SafetensorsFile

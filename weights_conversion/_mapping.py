@@ -101,6 +101,28 @@ def module_keys(module: Any) -> dict[str, Any]:
     return out
 
 
+def stored_axes(module: Any) -> dict[str, tuple[int, ...]]:
+    """Module keys whose array is held in another layout than the checkpoint's, with the
+    permutation: `module array = checkpoint array.transpose(axes)`. Declared by the layer
+    class as `checkpoint_axes = {field: axes}` (e.g. `Conv2d` holds its weight HWIO)."""
+    def declares(x) -> bool:
+        return isinstance(x, eqx.Module) and bool(getattr(type(x), "checkpoint_axes", None))
+
+    out: dict[str, tuple[int, ...]] = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(module, is_leaf=declares)[0]:
+        if declares(node):
+            prefix = _path_to_key(path)
+            for name, axes in type(node).checkpoint_axes.items():
+                if getattr(node, name, None) is not None:
+                    out[f"{prefix}.{name}" if prefix else name] = tuple(axes)
+    return out
+
+
+def to_checkpoint_layout(a: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+    """A module array in the checkpoint's layout (the inverse permutation of `axes`)."""
+    return a if axes is None else np.transpose(a, np.argsort(axes))
+
+
 def _summary(names: list[str], limit: int = 6) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
@@ -122,6 +144,7 @@ def load_state(
     are cast to `dtype`.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_param)
+    layouts = stored_axes(template)
     by_key: dict[str, str] = {}
     unexpected: list[str] = []
     for key in tensors:
@@ -147,7 +170,10 @@ def load_state(
             continue
         used.add(ckey)
         src = tensors[by_key[ckey]]
-        shape = tuple(leaf.shape)
+        axes = layouts.get(mkey)
+        # The shape the checkpoint holds this parameter in.
+        shape = tuple(leaf.shape) if axes is None else tuple(
+            leaf.shape[i] for i in np.argsort(axes))
         if tuple(src.shape) != shape:
             transform = name_map.transform_for(mkey)
             if transform is not None and int(np.prod(src.shape)) == int(np.prod(shape)):
@@ -157,6 +183,8 @@ def load_state(
                 filled.append(leaf)
                 continue
         src = np.asarray(src)
+        if axes is not None:
+            src = np.transpose(src, axes)
         # jnp.array copies: the parameters must not alias the memory-mapped file (or any
         # host buffer the caller may free), since training donates them to XLA.
         if np.issubdtype(src.dtype, np.floating) or src.dtype.name == "bfloat16":
@@ -179,8 +207,9 @@ def load_state(
 def export_state(module: Any, name_map: NameMap, *, dtype: Any = None) -> dict[str, np.ndarray]:
     """The checkpoint tensors of `module` (the inverse of `load_state`), as numpy arrays."""
     out: dict[str, np.ndarray] = {}
+    layouts = stored_axes(module)
     for mkey, leaf in module_keys(module).items():
-        a = np.asarray(leaf)
+        a = np.ascontiguousarray(to_checkpoint_layout(np.asarray(leaf), layouts.get(mkey)))
         if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
             a = a.astype(jnp.dtype(dtype))
         out[name_map.checkpoint_key(mkey)] = a

@@ -43,7 +43,15 @@ from codi_eqx.models import (
 )
 
 from ._errors import WeightsError
-from ._mapping import TRANSFORMS, _is_param, _path_to_key, load_state, module_keys
+from ._mapping import (
+    TRANSFORMS,
+    _is_param,
+    _path_to_key,
+    load_state,
+    module_keys,
+    stored_axes,
+    to_checkpoint_layout,
+)
 from .clip import CLIP_NAME_MAP
 from .unet import CONTROLNET_NAME_MAP, UNET_NAME_MAP
 from .vae import VAE_NAME_MAP
@@ -555,8 +563,9 @@ def load_controlnet_original(tensors: Mapping, config: Optional[dict] = None, *,
 
 def _export(module: Any, name_map, rows: list[Row], prefix: str, dtype=None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
+    layouts = stored_axes(module)
     for mkey, leaf in module_keys(module).items():
-        a = np.asarray(leaf)
+        a = np.ascontiguousarray(to_checkpoint_layout(np.asarray(leaf), layouts.get(mkey)))
         if dtype is not None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             a = a.astype(jnp.dtype(dtype))
         transform = name_map.transform_for(mkey)

@@ -14,4 +14,6 @@ from ._state import Trainable as Trainable
 from ._state import init_train_state as init_train_state
 from ._state import make_frozen as make_frozen
 from ._step import ema_update as ema_update
+from ._step import ACCUMULATION_LOOPS as ACCUMULATION_LOOPS
+from ._step import accumulation_loop_for as accumulation_loop_for
 from ._step import make_train_step as make_train_step

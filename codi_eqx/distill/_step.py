@@ -37,9 +37,23 @@ def latent_shape_of(frozen: Frozen, batch: dict) -> tuple[int, int, int]:
     return (frozen.vae.config.latent_channels, h // factor, w // factor)
 
 
+ACCUMULATION_LOOPS = ("auto", "unrolled", "scan")
+
+
+def accumulation_loop_for(platform: str) -> str:
+    """How micro-batches are looped over on a backend: `"unrolled"` (a traced Python loop) or
+    `"scan"` (one `lax.scan`).
+
+    XLA:CPU does not call its library convolution for convolutions inside a `while` loop (it
+    loop-emits them, 10-100x slower), so on CPU the loop is unrolled; elsewhere the
+    convolutions are library calls either way and `scan` compiles one body instead of k.
+    """
+    return "unrolled" if platform == "cpu" else "scan"
+
+
 def make_train_step(
     cfg: DistillConfig, mesh: Mesh, *, gradient_accumulation_steps: int = 1,
-    ema_decay: float = 0.999, lr_fn: Callable | None = None,
+    ema_decay: float = 0.999, lr_fn: Callable | None = None, accumulation_loop: str = "auto",
 ):
     """Build `train_step(frozen, state, batch) -> (state, metrics)`.
 
@@ -52,11 +66,23 @@ def make_train_step(
     the whole batch (up to float summation order). The state is donated; `frozen` and the
     batch are not.
 
+    `accumulation_loop` chooses how the micro-batches are looped over: `"auto"` (the
+    default) picks per backend with `accumulation_loop_for`; `"unrolled"` traces one copy of
+    the loss and gradient per micro-batch; `"scan"` one `lax.scan` body. A single micro-batch
+    is never wrapped in a loop. Both give the same result.
+
     The returned function counts its compilations in `.num_traces`.
     """
     k = gradient_accumulation_steps
     if k < 1:
         raise ValueError("gradient_accumulation_steps must be at least 1")
+    if accumulation_loop not in ACCUMULATION_LOOPS:
+        raise ValueError(
+            f"accumulation_loop must be one of {', '.join(ACCUMULATION_LOOPS)}, "
+            f"got {accumulation_loop!r}"
+        )
+    if accumulation_loop == "auto":
+        accumulation_loop = accumulation_loop_for(mesh.devices.flat[0].platform)
     traces = [0]
 
     def step(frozen: Frozen, state: TrainState, batch: dict):
@@ -107,7 +133,14 @@ def make_train_step(
                 name: jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
                 for name in METRIC_NAMES
             }
-            (grads, metrics), _ = jax.lax.scan(body, (g0, m0), (micro, micro_pos))
+            if accumulation_loop == "scan" and k > 1:
+                (grads, metrics), _ = jax.lax.scan(body, (g0, m0), (micro, micro_pos))
+            else:
+                carry = (g0, m0)
+                for i in range(k):
+                    xs = jax.tree.map(lambda a, i=i: a[i], (micro, micro_pos))
+                    carry, _ = body(carry, xs)
+                grads, metrics = carry
             # The gradient with respect to the replicated parameters already comes summed
             # over the mesh (the transpose of their implicit broadcast); the metrics do not.
             metrics = jax.tree.map(lambda m: jax.lax.psum(m, DATA), metrics)

@@ -6,24 +6,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int, UInt8
+from jaxtyping import Array, Bool, Float, Int, UInt8
 
 from ..diffusion import (
     NoiseSchedule,
     codi_sampling_timesteps,
     ddim_previous_timesteps,
+    ddim_step,
     ddim_timesteps,
 )
 from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 from ._guided import guided_model_output
-from ._samplers import codi_sample, ddim_sample
+from ._samplers import codi_step
 
 Sampler = Literal["codi", "ddim"]
 SAMPLERS = ("codi", "ddim")
@@ -66,37 +67,75 @@ def sampler_timesteps(
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
-def _sample_one(
+class StepSpec(NamedTuple):
+    """The static part of one sampler step (shared by all the steps of a run, so the step
+    compiles once whatever the timesteps)."""
+
+    sampler: str
+    cfg: bool
+    timestep_scaling: float
+
+
+def _step_spec(spec: SamplerSpec) -> StepSpec:
+    return StepSpec(spec.sampler, spec.cfg, spec.timestep_scaling)
+
+
+@eqx.filter_jit
+def _initial_batch(
+    text_encoder: CLIPTextModel,
+    cfg: bool,
+    latent_shape: tuple[int, int, int],
+    ids: Int[Array, "b seq"],
+    negative_ids: Int[Array, "b seq"],
+    indices: Int[Array, " b"],
+    seed: Int[Array, ""],
+):
+    """Text embeddings of the prompts (and negative prompts) and each image's initial noise."""
+    cond = jax.vmap(text_encoder)(ids)
+    uncond = jax.vmap(text_encoder)(negative_ids) if cfg else cond
+    base = jax.random.key(seed)
+    z = jax.vmap(
+        lambda i: jax.random.normal(jax.random.fold_in(base, i), latent_shape, jnp.float32)
+    )(indices)
+    return cond, uncond, z
+
+
+@eqx.filter_jit
+def sampler_step_batch(
     unet: UNet2DConditionModel,
     adapter: Optional[ControlNetModel],
     schedule: NoiseSchedule,
-    spec: SamplerSpec,
-    cond_emb: Float[Array, "seq d"],
-    uncond_emb: Float[Array, "seq d"],
-    control: Optional[Float[Array, "3 H W"]],
-    key: jax.Array,
+    step: StepSpec,
+    cond: Float[Array, "b seq d"],
+    uncond: Float[Array, "b seq d"],
+    control: Optional[Float[Array, "b 3 H W"]],
+    z: Float[Array, "b c h w"],
+    t: Int[Array, ""],
+    s: Int[Array, ""],
+    last: Bool[Array, ""],
     guidance_scale: Float[Array, ""],
     conditioning_scale: Float[Array, ""],
-) -> Float[Array, "c h w"]:
-    w = guidance_scale if spec.cfg else 1.0
+) -> Float[Array, "b c h w"]:
+    """One sampler step for a batch, from timestep `t` to `s` (DDIM: to the previous
+    timestep `s`; CoDi: re-noised to `s` unless `last`). The timesteps are traced, so a run
+    compiles this once for all its steps."""
+    w = guidance_scale if step.cfg else 1.0
 
-    def model_fn(z, t):
-        return guided_model_output(
-            unet, adapter, z, t, cond_emb, uncond_emb, control, w, conditioning_scale
-        )
+    def one(c, u, img, zi):
+        def model_fn(x, tt):
+            return guided_model_output(unet, adapter, x, tt, c, u, img, w, conditioning_scale)
 
-    z = jax.random.normal(key, spec.latent_shape, jnp.float32)
-    if spec.sampler == "codi":
-        x, _ = codi_sample(
-            model_fn, schedule, z, np.asarray(spec.timesteps, np.int32),
-            timestep_scaling=spec.timestep_scaling,
-        )
-    else:
-        x, _ = ddim_sample(
-            model_fn, schedule, z, np.asarray(spec.timesteps, np.int32),
-            np.asarray(spec.prev_timesteps, np.int32),
-        )
-    return x
+        if step.sampler == "codi":
+            return codi_step(model_fn, schedule, zi, t, s, last,
+                             timestep_scaling=step.timestep_scaling)
+        return ddim_step(model_fn(zi, t), t, s, zi, schedule).astype(zi.dtype)
+
+    return jax.vmap(one, in_axes=(0, 0, None if control is None else 0, 0))(cond, uncond, control, z)
+
+
+@eqx.filter_jit
+def _decode_batch(vae: AutoencoderKL, z: Float[Array, "b c h w"]) -> UInt8[Array, "b H W 3"]:
+    return jax.vmap(lambda zi: decode_latents(vae, zi))(z)
 
 
 def decode_latents(vae: AutoencoderKL, z: Float[Array, "c h w"]) -> UInt8[Array, "H W 3"]:
@@ -109,7 +148,6 @@ def decode_latents(vae: AutoencoderKL, z: Float[Array, "c h w"]) -> UInt8[Array,
     return jnp.round(jnp.transpose(x, (1, 2, 0)) * 255).astype(jnp.uint8)
 
 
-@eqx.filter_jit
 def sample_batch(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
@@ -125,7 +163,13 @@ def sample_batch(
     guidance_scale: Float[Array, ""],
     conditioning_scale: Float[Array, ""],
 ) -> UInt8[Array, "b H W 3"]:
-    """A batch of images, compiled as a whole: text encoding, sampling, VAE decoding.
+    """A batch of images: text encoding, the sampler's steps, VAE decoding.
+
+    Three compiled functions: the text encoding with the initial noise, one sampler step
+    (`sampler_step_batch`, called once per step with the timesteps as arguments), and the
+    decoding. No network sits inside a compiled loop (XLA:CPU would loop-emit its
+    convolutions), and the compile time does not grow with the number of steps. The latents
+    stay on the device between the calls.
 
     Image `i` starts from the noise of `fold_in(key(seed), indices[i])`, so it does not depend
     on the batch it is in.
@@ -141,19 +185,19 @@ def sample_batch(
 
     **Returns:** images `(B, H, W, 3)`, uint8.
     """
-    cond = jax.vmap(text_encoder)(ids)
-    uncond = jax.vmap(text_encoder)(negative_ids) if spec.cfg else cond
-    base = jax.random.key(seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-
-    def one(c, u, img, k):
-        z = _sample_one(unet, adapter, schedule, spec, c, u, img, k,
-                        guidance_scale, conditioning_scale)
-        return decode_latents(vae, z)
-
-    return jax.vmap(one, in_axes=(0, 0, None if control is None else 0, 0))(
-        cond, uncond, control, keys
+    cond, uncond, z = _initial_batch(
+        text_encoder, spec.cfg, spec.latent_shape, ids, negative_ids, indices, seed
     )
+    step = _step_spec(spec)
+    n = len(spec.timesteps)
+    targets = spec.prev_timesteps if spec.sampler == "ddim" else spec.timesteps[1:] + spec.timesteps[-1:]
+    for i, (t, s) in enumerate(zip(spec.timesteps, targets)):
+        z = sampler_step_batch(
+            unet, adapter, schedule, step, cond, uncond, control, z,
+            jnp.asarray(t, jnp.int32), jnp.asarray(s, jnp.int32), jnp.asarray(i == n - 1),
+            guidance_scale, conditioning_scale,
+        )
+    return _decode_batch(vae, z)
 
 
 def _as_list(value: Union[str, Sequence[str]], n: int, what: str) -> list[str]:
