@@ -280,3 +280,31 @@ def test_step_donates_the_state_only():
     batch_args = [a for a in args if '"data"' in a]  # the inputs split over the mesh
     assert len(batch_args) == len(batch)
     assert not any(a in donated for a in batch_args), "a batch input is donated"
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_teacher_pass_shared_with_online_equals_separate(guided):
+    # With --onestepode_control_params online the teacher's pass is the online pass without
+    # gradient; the step computes it once. Loss and gradient equal the two-pass computation.
+    frozen, params = _setup()
+    ema = perturb(params, jax.random.key(11), 0.01)  # distinct online and EMA parameters
+    cfg = distill.DistillConfig(onestepode_control_params="online", cfg_aware_distill=guided,
+                                onestepode_cfg=guided)
+    assert distill.teacher_is_online(cfg)
+    assert not distill.teacher_is_online(distill.DistillConfig())
+    batch = {k: v[:2] for k, v in _batch(2, seed=4).items()}
+    key, batch_key = jax.random.key(3), jax.random.key(4)
+
+    def total(p, share):
+        losses, _ = jax.vmap(lambda ex, i: distill.example_loss(
+            p, ema, frozen, ex, jax.random.fold_in(key, i), batch_key, cfg, LATENT,
+            share_passes=share))(batch, jnp.arange(2))
+        return jnp.sum(losses)
+
+    shared = eqx.filter_jit(eqx.filter_value_and_grad(lambda p: total(p, True)))(params)
+    separate = eqx.filter_jit(eqx.filter_value_and_grad(lambda p: total(p, False)))(params)
+    np.testing.assert_allclose(float(shared[0]), float(separate[0]), rtol=1e-6)
+    # Per leaf, norm-wise: XLA fuses the two programs differently (float rounding).
+    for a, b in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(separate[1])):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12

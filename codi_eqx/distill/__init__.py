@@ -4,6 +4,7 @@ from ._config import DistillConfig as DistillConfig
 from ._config import OptimConfig as OptimConfig
 from ._loss import draw_example as draw_example
 from ._loss import example_loss as example_loss
+from ._loss import teacher_is_online as teacher_is_online
 from ._loss import guided_output as guided_output
 from ._loss import model_output as model_output
 from ._optim import lr_schedule as lr_schedule

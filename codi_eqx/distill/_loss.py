@@ -130,15 +130,27 @@ def example_text(frozen: Frozen, example: dict) -> Float[Array, "seq d"]:
     return frozen.text_encoder(example["input_ids"]).astype(jnp.float32)
 
 
+def teacher_is_online(cfg: DistillConfig) -> bool:
+    """Whether the one-step teacher's pass is the online pass without gradient: the adapter
+    with the current parameters (`onestepode control`, `onestepode_control_params online`)
+    and the same guidance as the online pass."""
+    return (cfg.onestepode == "control" and cfg.onestepode_control_params == "online"
+            and cfg.onestepode_cfg == cfg.cfg_aware_distill)
+
+
 def example_loss(
     params: Trainable, ema: Trainable, frozen: Frozen, example: dict, key: PRNGKeyArray,
     batch_key: PRNGKeyArray, cfg: DistillConfig, latent_shape: tuple[int, ...],
+    *, share_passes: bool = True,
 ) -> tuple[Float[Array, ""], dict]:
     """The CoDi loss of one example and its two terms (before averaging).
 
     Steps 1-7 of codi-algorithm.md: noise x0 to z_t; one teacher ODE step to z_s (no
     gradient); target f_{theta_minus}(z_s, s) (no gradient); online f_theta(z_t, t); the
     consistency term (optionally SNR-weighted) plus the weighted x0 regulariser.
+
+    `share_passes` reuses the online pass as the teacher's where they are the same
+    computation (`teacher_is_online`); False computes both (the same values: for tests).
     """
     schedule = frozen.schedule
     draws = draw_example(key, batch_key, latent_shape, schedule.num_train_timesteps, cfg)
@@ -152,31 +164,37 @@ def example_loss(
     ptype = cfg.prediction_type
     scal = dict(sigma_data=cfg.sigma_data, timestep_scaling=cfg.distill_timestep_scaling)
 
-    # 3. One-step ODE (teacher step) from t to s, without gradient.
-    if cfg.onestepode == "control":
-        teacher = ema if cfg.onestepode_control_params == "target" else params
-    else:
-        teacher = params if params.unet is not None else None
-    teacher = jax.lax.stop_gradient(teacher)
-    f_teacher = guided_output(
-        teacher, frozen, z_t, t, text, cond, cfg, draws.w if cfg.onestepode_cfg else None,
-        use_adapter=cfg.onestepode == "control",
-    )
-    x_hat, eps_hat = to_x_eps(f_teacher, z_t, a_t, s_t, ptype)
-    z_s = jax.lax.stop_gradient(a_s * x_hat + s_s * (draws.noise if cfg.onestepode_true_noise else eps_hat))
-
-    # 4. Target with the EMA parameters, without gradient.
     w = draws.w if cfg.cfg_aware_distill else None
-    f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w)
-    xt_hat, et_hat = to_x_eps(f_target, z_s, a_s, s_s, ptype)
-    target_x = consistency_output(z_s, xt_hat, s, **scal)
-    target_eps = consistency_output(z_s, et_hat, s, **scal)
 
-    # 5. Online with the trained parameters.
+    # 5. Online with the trained parameters (computed first: with `--onestepode control
+    # --onestepode_control_params online` and the same guidance, the teacher's pass is this
+    # pass without gradient, and is not computed twice).
     f_online = guided_output(params, frozen, z_t, t, text, cond, cfg, w)
     xo_hat, eo_hat = to_x_eps(f_online, z_t, a_t, s_t, ptype)
     online_x = consistency_output(z_t, xo_hat, t, **scal)
     online_eps = consistency_output(z_t, eo_hat, t, **scal)
+
+    # 3. One-step ODE (teacher step) from t to s, without gradient.
+    if share_passes and teacher_is_online(cfg):
+        f_teacher = jax.lax.stop_gradient(f_online)
+    else:
+        if cfg.onestepode == "control":
+            teacher = ema if cfg.onestepode_control_params == "target" else params
+        else:
+            teacher = params if params.unet is not None else None
+        teacher = jax.lax.stop_gradient(teacher)
+        f_teacher = guided_output(
+            teacher, frozen, z_t, t, text, cond, cfg, draws.w if cfg.onestepode_cfg else None,
+            use_adapter=cfg.onestepode == "control",
+        )
+    x_hat, eps_hat = to_x_eps(f_teacher, z_t, a_t, s_t, ptype)
+    z_s = jax.lax.stop_gradient(a_s * x_hat + s_s * (draws.noise if cfg.onestepode_true_noise else eps_hat))
+
+    # 4. Target with the EMA parameters, without gradient.
+    f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w)
+    xt_hat, et_hat = to_x_eps(f_target, z_s, a_s, s_s, ptype)
+    target_x = consistency_output(z_s, xt_hat, s, **scal)
+    target_eps = consistency_output(z_s, et_hat, s, **scal)
 
     # 7. Loss.
     if cfg.distill_loss == "consistency_x":
