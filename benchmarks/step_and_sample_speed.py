@@ -135,16 +135,19 @@ def main() -> None:
 
         def sampler(kind, guidance):
             @eqx.filter_jit
-            def go(unet, adapter, z0, text, cond):
+            def go(unet, adapter, z0, text, cond, ts, prev):
                 def one(z, c, img):
                     fn = lambda z, t: guided_model_output(  # noqa: E731
                         unet, adapter, z, t, c, jnp.zeros_like(c), img, guidance_scale=guidance)
                     if kind == "codi":
                         return codi_sample(fn, sched, z, codi_ts)[0]
-                    return ddim_sample(fn, sched, z, tuple(int(x) for x in ddim_ts),
-                                       tuple(int(x) for x in ddim_prev))[0]
+                    # Traced timesteps (arguments of `go`): one lax.scan body, not 50
+                    # unrolled UNets (fine on GPUs; on CPU use generate_speed.py).
+                    return ddim_sample(fn, sched, z, ts, prev)[0]
                 return jax.vmap(one)(z0, text, cond)
-            return lambda: go(unet, adapter, z0, text, cond)
+            ts = jnp.asarray(ddim_ts, jnp.int32)
+            prev = jnp.asarray(ddim_prev, jnp.int32)
+            return lambda: go(unet, adapter, z0, text, cond, ts, prev)
 
         with jax.numpy_dtype_promotion("standard"):
             for kind, steps, g in (("codi", 4, 1.0), ("ddim", 50, 7.5)):
