@@ -77,14 +77,6 @@ class Conv2d(eqx.Module):
         self.stride = stride
         self.padding = padding
 
-    @property
-    def in_channels(self) -> int:
-        return self.weight.shape[2]
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[3]
-
     def __call__(self, x: Float[Array, "cin h w"]) -> Float[Array, "cout hout wout"]:
         p = self.padding
         y = jax.lax.conv_general_dilated(
