@@ -225,7 +225,20 @@ def _write_model(tmp: Path, parts: dict, *, dtype_name: str, tokenizer: Optional
     step("scheduler")
 
 
-def _write_adapter(adapter, output: Path, to: Optional[Target], dtype_name: str) -> None:
+def _adapter_record(path: Path) -> Optional[dict]:
+    """The training record of an adapter folder, as config.json entries (None without one)."""
+    from codi_eqx import adapter_settings
+
+    try:
+        settings = adapter_settings(path)
+    except ValueError as e:
+        raise CodiError(str(e)) from None
+    return None if settings is None else settings.config_entry()
+
+
+def _write_adapter(adapter, output: Path, to: Optional[Target], dtype_name: str,
+                   extra_config: Optional[dict] = None) -> None:
+    """`extra_config`: config.json entries to carry over (a trained adapter's record)."""
     from weights_conversion import CONTROLNET_NAME_MAP, export_state, save_adapter, save_file
     from weights_conversion.single_file import (
         CODI_CONFIG_KEY,
@@ -235,13 +248,14 @@ def _write_adapter(adapter, output: Path, to: Optional[Target], dtype_name: str)
 
     if to is None:
         with atomic_path(output, is_dir=True) as tmp:
-            save_adapter(adapter, tmp)
+            save_adapter(adapter, tmp, extra_config=extra_config)
         return
     if to == Target.diffusers:
         if adapter.config.conditioning_channels is None:
             adapter = with_zero_condition_encoder(adapter)
         with atomic_path(output, is_dir=True) as tmp:
-            (tmp / "config.json").write_text(json.dumps(adapter.config.to_dict(), indent=2))
+            config = {**adapter.config.to_dict(), **(extra_config or {})}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
             save_file(export_state(adapter, CONTROLNET_NAME_MAP),
                       tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
         return
@@ -352,7 +366,7 @@ def _convert(source: str, output: Path, dtype: Dtype, to: Optional[Target], over
             task = bar.add_task("convert", total=2, info="adapter")
             adapter = _load_component("controlnet", path, dt, allow_pickle)
             bar.advance(task)
-            _write_adapter(adapter, output, to, dtype.value)
+            _write_adapter(adapter, output, to, dtype.value, _adapter_record(path))
             bar.advance(task)
         return
 

@@ -19,6 +19,7 @@ def _main() -> None:
 from .convert import convert_weights  # noqa: E402
 from .demo import demo  # noqa: E402
 from .prepare_data import prepare_data  # noqa: E402
+from .pretrain_toy import pretrain_toy  # noqa: E402
 from .sample import sample  # noqa: E402
 from .train import train  # noqa: E402
 
@@ -30,6 +31,7 @@ app.command("convert-weights")(convert_weights)
 app.command("demo")(demo)
 
 app.command("prepare-data")(prepare_data)
+app.command("pretrain-toy")(pretrain_toy)
 
 if __name__ == "__main__":
     app()

@@ -120,11 +120,22 @@ def _read_captions(input_dir: Path, images: list[Path], captions: Optional[Path]
 
 
 def prepare_data(
-    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively), each "
-                                     "with a caption in a sidecar <name>.txt or in --captions."),
-    train_data_dir: Path = typer.Option(..., "--train_data_dir", "--train-data-dir",
-                                        help="Output folder: images/, processed_images/ "
-                                        "(Canny edge maps), meta.jsonl."),
+    input_dir: Optional[Path] = typer.Argument(
+        None, help="Folder of images (searched recursively), each with a caption in a sidecar "
+        "<name>.txt or in --captions. With --synthetic: the output folder."),
+    train_data_dir: Optional[Path] = typer.Option(None, "--train_data_dir", "--train-data-dir",
+                                                  help="Output folder: images/, "
+                                                  "processed_images/ (Canny edge maps), "
+                                                  "meta.jsonl."),
+    synthetic: Optional[str] = typer.Option(
+        None, "--synthetic", help="Generate a synthetic dataset instead of reading images: "
+        "'shapes' (64x64 coloured circles, squares and triangles on a plain background, "
+        "captioned, their outlines as condition images; the built-in default's world)."),
+    num_images: int = typer.Option(1000, "--num_images", "--num-images", min=1,
+                                   help="With --synthetic: how many images."),
+    split: str = typer.Option("train", "--split", help="With --synthetic: 'train' (no "
+                              "held-out colour/shape/background combination) or 'heldout' "
+                              "(each image has one)."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="A jsonl of captions: "
                                             "{\"file_name\": relative path, \"caption\": text} "
                                             "per line (instead of sidecar .txt files)."),
@@ -145,8 +156,35 @@ def prepare_data(
     condition images. Unreadable images are skipped and counted; meta.jsonl appears whole or
     not at all."""
     with reported_errors():
+        if synthetic is not None:
+            _synthetic(synthetic, input_dir, train_data_dir, num_images, split, seed)
+            return
+        if input_dir is None or train_data_dir is None:
+            raise CodiUsageError("give INPUT_DIR and --train_data_dir (or --synthetic shapes OUT)")
         _prepare(input_dir, train_data_dir, captions, low_threshold, high_threshold,
                  max_train_samples, num_proc, seed)
+
+
+def _synthetic(kind: str, out: Optional[Path], train_data_dir: Optional[Path], n: int,
+               split: str, seed: int) -> None:
+    if kind != "shapes":
+        raise CodiUsageError(f"--synthetic {kind!r}: the only synthetic dataset is 'shapes'")
+    if split not in ("train", "heldout"):
+        raise CodiUsageError(f"--split {split!r}: expected train or heldout")
+    if out is not None and train_data_dir is not None and out != train_data_dir:
+        raise CodiUsageError("give the output folder once (OUT or --train_data_dir)")
+    target = out or train_data_dir
+    if target is None:
+        raise CodiUsageError("give the output folder: codi prepare-data --synthetic shapes OUT")
+    if (target / "meta.jsonl").exists():
+        raise CodiUsageError(f"{target} already holds a dataset: choose another folder")
+    from codi_eqx.toy import shapes
+
+    with progress() as bar, atomic_path(target, is_dir=True) as tmp:
+        task = bar.add_task("shapes", total=n, info="")
+        shapes.write_dataset(tmp, n, seed=seed, split=split,
+                             progress=lambda k: bar.update(task, advance=k))
+    note(f"wrote {n} {split} shapes images to {target}")
 
 
 def _prepare(input_dir, out_dir, captions, low, high, max_train_samples, num_proc, seed) -> None:

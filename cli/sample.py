@@ -78,15 +78,104 @@ def _png_info(meta: dict):
     return info
 
 
+_FLAGS = {"sampler": "--sampler", "distill_learning_steps": "--distill_learning_steps",
+          "timestep_scaling": "--distill_timestep_scaling",
+          "prediction_type": "--prediction_type", "guidance_scale": "--guidance_scale"}
+
+
+def _adapter_settings(adapter: Optional[Path]):
+    """The adapter's training record (None without an adapter or a record)."""
+    from codi_eqx import adapter_settings
+
+    if adapter is None:
+        return None
+    try:
+        return adapter_settings(adapter)
+    except ValueError as e:
+        raise CodiError(f"--adapter {adapter}: {e}") from None
+
+
+def _sampling_options(settings, model_prediction_type: str, sampler, distill_learning_steps,
+                      timestep_scaling, prediction_type):
+    """The options the flags and the adapter's record give (as `generate` resolves them)."""
+    from codi_eqx.sampling import sampling_options
+
+    try:
+        return sampling_options(
+            settings, model_prediction_type, sampler=sampler,
+            distill_learning_steps=distill_learning_steps, timestep_scaling=timestep_scaling,
+            prediction_type=prediction_type)
+    except ValueError as e:
+        raise CodiUsageError(f"--prediction_type {prediction_type}: {e}") from None
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def _note_contradictions(settings, options, guidance_scale: float) -> None:
+    """A one-line note for each option that goes against the adapter's training record."""
+    from codi_eqx.sampling import contradictions
+
+    for name, value, recorded in contradictions(settings, options, guidance_scale):
+        if name == "guidance_scale":
+            note(f"note: {_FLAGS[name]} {value} lies outside [{recorded[0]}, {recorded[1]}], "
+                 "the range the adapter was trained guidance-aware for")
+        else:
+            note(f"note: {_FLAGS[name]} {value} overrides the adapter's {recorded} (the value "
+                 "it was trained with)")
+
+
+def _builtin_inputs(adapter, sampler, prompt, prompt_file, control_image, seed):
+    """The built-in default: (model, adapter, prompts, edge maps or None)."""
+    import numpy as np
+
+    from codi_eqx.toy import BuiltinMissingError, builtin_adapter, builtin_teacher, shapes
+
+    try:
+        model = str(builtin_teacher())
+        if adapter is None and sampler != "ddim":
+            adapter = builtin_adapter("edges")
+    except BuiltinMissingError as e:
+        raise CodiUsageError(f"{e}; or give --model") from None
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        prompts = _read_prompts(prompts, prompt_file)
+    if not prompts:
+        prompts = [shapes.scenes(seed, 1, "heldout")[0].caption]
+        note(f"no prompt given: a held-out caption of the built-in shapes world, {prompts[0]!r}")
+    needs_edges = adapter is not None and control_image is None and _has_condition(adapter)
+    if not needs_edges:
+        return model, adapter, prompts, None
+    rng = np.random.default_rng(seed)
+    try:
+        scenes = [shapes.scene_for_caption(p, rng) for p in prompts]
+    except ValueError as e:
+        raise CodiUsageError(f"{e}; or give --control_image") from None
+    return model, adapter, prompts, shapes.edge_images(scenes)
+
+
+def _has_condition(adapter) -> bool:
+    try:
+        config = json.loads((Path(adapter) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return config.get("conditioning_channels", 3) is not None
+
+
 def sample(
     prompt: Optional[list[str]] = typer.Option(
         None, "--prompt", help="A prompt; repeat the flag for several."),
     prompt_file: Optional[Path] = typer.Option(
         None, "--prompt_file", "--prompt-file", help="A text file with one prompt per line."),
-    model: str = typer.Option(
-        ..., "--model", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path",
+    model: Optional[str] = typer.Option(
+        None, "--model", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path",
         help="The base model: a diffusers directory, a `codi convert-weights` directory, or a "
-             "Hub id in the local cache."),
+             "Hub id in the local cache. Default: the built-in shapes teacher, with its edge "
+             "adapter (unless --sampler ddim), a held-out caption when no prompt is given, and "
+             "an edge map drawn for each caption when no --control_image is given (written "
+             "beside the output as NAME-edges.png)."),
     adapter: Optional[Path] = typer.Option(
         None, "--adapter", "--controlnet", help="A trained adapter (this project's format, a "
         "diffusers ControlNet folder, or a training run's output directory). Without one: "
@@ -111,14 +200,20 @@ def sample(
     num_images: int = typer.Option(
         1, "--num_images", "--num-images", "--num_images_per_prompt",
         help="Images per prompt."),
-    sampler: str = typer.Option(
-        "codi", "--sampler", help="codi (few-step consistency sampler) or ddim (teacher)."),
-    distill_learning_steps: int = typer.Option(
-        50, "--distill_learning_steps", "--distill-learning-steps",
-        help="N of the distillation grid the adapter was trained with (codi)."),
-    timestep_scaling: float = typer.Option(
-        10.0, "--distill_timestep_scaling", "--distill-timestep-scaling", "--timestep_scaling",
-        help="tau of the consistency scalings (codi)."),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help="codi (few-step consistency sampler) or ddim (teacher). "
+        "Default: the one the adapter was trained for (ddim for --objective controlnet), "
+        "else codi."),
+    distill_learning_steps: Optional[int] = typer.Option(
+        None, "--distill_learning_steps", "--distill-learning-steps",
+        help="N of the distillation grid (codi). Default: the adapter's, else 50."),
+    timestep_scaling: Optional[float] = typer.Option(
+        None, "--distill_timestep_scaling", "--distill-timestep-scaling", "--timestep_scaling",
+        help="tau of the consistency scalings (codi). Default: the adapter's, else 10."),
+    prediction_type: Optional[str] = typer.Option(
+        None, "--prediction_type", "--prediction-type", help="How raw outputs convert: "
+        "epsilon, v_prediction or sample. Default: the one the adapter was trained with, "
+        "else the model's."),
     controlnet_conditioning_scale: float = typer.Option(
         1.0, "--controlnet_conditioning_scale", "--controlnet-conditioning-scale",
         help="Multiplies the adapter's residuals."),
@@ -140,14 +235,27 @@ def sample(
 def _sample(
     *, prompt, prompt_file, model, adapter, negative_prompt, control_image, resolution, steps,
     guidance_scale, seed, num_images, sampler, distill_learning_steps, timestep_scaling,
-    controlnet_conditioning_scale, dtype, batch_size, output, compilation_cache_dir,
-    no_compilation_cache,
+    prediction_type, controlnet_conditioning_scale, dtype, batch_size, output,
+    compilation_cache_dir, no_compilation_cache,
 ) -> None:
     # Everything checkable without the model first, so that mistakes cost nothing.
-    if sampler not in ("codi", "ddim"):
+    if sampler is not None and sampler not in ("codi", "ddim"):
         raise CodiUsageError(f"--sampler {sampler}: expected codi or ddim")
+    builtin_edges = None
+    if model is None:
+        model, adapter, prompt, builtin_edges = _builtin_inputs(
+            adapter, sampler, prompt, prompt_file, control_image, seed)
+        prompt_file = None
     if dtype not in _DTYPES:
         raise CodiUsageError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+    if adapter is not None and not Path(adapter).exists():
+        raise CodiUsageError(f"--adapter {adapter}: no such adapter directory")
+    settings = _adapter_settings(adapter)
+    flags = (sampler, distill_learning_steps, timestep_scaling, prediction_type)
+    # The model's prediction type matters only without a record and a flag: "epsilon" stands
+    # in for it until the model is loaded.
+    options = _sampling_options(settings, "epsilon", *flags)
+    sampler, distill_learning_steps = options.sampler, options.distill_learning_steps
     steps = (4 if sampler == "codi" else 50) if steps is None else steps
     guidance_scale = (1.0 if sampler == "codi" else 7.5) if guidance_scale is None else guidance_scale
     if steps < 1:
@@ -155,8 +263,10 @@ def _sample(
     if distill_learning_steps < 1:
         raise CodiUsageError(f"--distill_learning_steps {distill_learning_steps}: must be >= 1")
     if sampler == "codi" and steps > distill_learning_steps:
+        grid = ("--distill_learning_steps" if flags[1] is not None
+                else "the adapter's distill_learning_steps")
         raise CodiUsageError(
-            f"--steps {steps} exceeds --distill_learning_steps {distill_learning_steps} "
+            f"--steps {steps} exceeds {grid} {distill_learning_steps} "
             "(the CoDi grid has that many points); lower --steps or use --sampler ddim"
         )
     if num_images < 1:
@@ -171,17 +281,23 @@ def _sample(
     prompts = _read_prompts(prompt, prompt_file)
     if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
         raise CodiUsageError(f"--model {model}: no such model directory")
-    if adapter is not None and not Path(adapter).exists():
-        raise CodiUsageError(f"--adapter {adapter}: no such adapter directory")
     if control_image is not None and adapter is None:
         raise CodiUsageError("--control_image needs --adapter (an adapter with a condition encoder)")
     control = None
     if control_image is not None:
         control = _load_control_image(control_image, resolution, factor)
+    elif builtin_edges is not None:
+        control = builtin_edges.astype("float32") / 255.0
     as_file = output.suffix.lower() == ".png"
     if not as_file and output.exists() and not output.is_dir():
         raise CodiUsageError(f"--output {output}: exists and is not a folder (give a .png path "
                              "or a folder)")
+
+    # Every check passed: say where the options go against the adapter's training record.
+    _note_contradictions(settings, options, guidance_scale)
+    if settings is not None and settings.base_model and not _same_model(model, settings.base_model):
+        note(f"note: the adapter was trained on {settings.base_model}; sampling with --model "
+             f"{model}")
 
     use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
     import jax.numpy as jnp
@@ -223,6 +339,7 @@ def _sample(
     if sampler == "ddim" and steps > pipe.schedule.num_train_timesteps:
         raise CodiUsageError(f"--steps {steps} exceeds the model's "
                              f"{pipe.schedule.num_train_timesteps} training timesteps")
+    options = _sampling_options(settings, pipe.prediction_type, *flags)
     size = resolution if control is None else None
     total = len(prompts) * num_images
     bs = total if batch_size is None else min(batch_size, total)
@@ -236,7 +353,8 @@ def _sample(
                 pipe, net, prompts, negative_prompt=negative_prompt, control_images=control,
                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
                 num_images_per_prompt=num_images, distill_learning_steps=distill_learning_steps,
-                timestep_scaling=timestep_scaling,
+                timestep_scaling=options.timestep_scaling,
+                prediction_type=options.prediction_type,
                 controlnet_conditioning_scale=controlnet_conditioning_scale, batch_size=bs,
                 height=size, width=size,
                 progress=lambda done, n: bar.update(task, completed=done),
@@ -249,6 +367,9 @@ def _sample(
     base = {
         "negative_prompt": negative_prompt, "seed": str(seed), "steps": str(steps),
         "sampler": sampler, "guidance_scale": str(guidance_scale), "model": str(model),
+        "prediction_type": options.prediction_type,
+        "distill_learning_steps": str(distill_learning_steps) if sampler == "codi" else None,
+        "distill_timestep_scaling": str(options.timestep_scaling) if sampler == "codi" else None,
         "adapter": None if adapter is None else str(adapter),
         "unet": (
             str(Path(adapter) / "unet")
@@ -258,6 +379,13 @@ def _sample(
         "software": "codi-eqx",
     }
     image_prompts = [p for p in prompts for _ in range(num_images)]
+    if builtin_edges is not None:
+        edges_path = (output.with_name(f"{output.stem}-edges.png") if as_file
+                      else output.with_name(f"{output.name}-edges.png"))
+        edge_img = builtin_edges[0] if len(builtin_edges) == 1 else image_grid(builtin_edges)
+        with atomic_path(edges_path) as tmp:
+            Image.fromarray(edge_img).save(tmp, format="PNG")
+        note(f"wrote the edge map(s) drawn for the prompt(s) to {edges_path}")
     if as_file:
         img = images[0] if total == 1 else image_grid(images)
         meta = {**base, "prompt": image_prompts[0] if len(set(prompts)) == 1 else prompts}

@@ -126,6 +126,11 @@ def train(
     gradient_checkpointing: Annotated[bool, _opt(
         "gradient_checkpointing", "Rematerialise the UNet's blocks in the backward pass.",
         _OPTIM)] = False,
+    objective: Annotated[str, _opt(
+        "objective", "codi (CoDi's consistency distillation: a few-step model) or controlnet "
+        "(the standard ControlNet objective: the plain diffusion loss of the frozen UNet + "
+        "adapter, sampled with DDIM; the CoDi-only flags do not apply).",
+        _DISTILL)] = "codi",
     distill_type: Annotated[str, _opt(
         "distill_type", "conditional (adapter with a condition image) or unconditional "
         "(text-to-image acceleration).", _DISTILL)] = "conditional",
@@ -197,9 +202,9 @@ def train(
         "validation_steps", "Steps between validation grids.", _RUN)] = 100,
     num_validation_images: Annotated[int, _opt(
         "num_validation_images", "Images per validation prompt.", _RUN)] = 4,
-    validation_inference_steps: Annotated[int, _opt(
-        "validation_inference_steps", "CoDi sampling steps of the validation images.",
-        _RUN)] = 4,
+    validation_inference_steps: Annotated[Optional[int], _opt(
+        "validation_inference_steps", "Sampling steps of the validation images (default: 4 "
+        "CoDi steps; 50 DDIM steps with --objective controlnet).", _RUN)] = None,
     dry_run: Annotated[bool, _opt(
         "dry_run", "Check the flags, model folder and dataset, print the resolved "
         "configuration as JSON, and stop.", _RUN)] = False,
@@ -261,6 +266,30 @@ def train(
         _run(values, dry_run)
 
 
+def _builtin_run(values: dict) -> dict:
+    """No model and no data: distil the built-in shapes teacher on freshly drawn shapes,
+    with the built-in run's defaults wherever a flag was left at its own default."""
+    import inspect
+
+    from codi_eqx.toy import TOY_TRAIN_DEFAULTS, BuiltinMissingError, prepare_builtin_run
+
+    defaults = inspect.signature(train).parameters
+    values = dict(values)
+    for name, value in TOY_TRAIN_DEFAULTS.items():
+        if values[name] == defaults[name].default:
+            values[name] = value
+    try:
+        with progress(transient=True) as bar:
+            bar.add_task("drawing shapes", total=None, info="")
+            values.update(prepare_builtin_run(values["output_dir"], seed=values["seed"]))
+    except BuiltinMissingError as e:
+        raise CodiUsageError(f"{e}; or give --pretrained_model_name_or_path and data") from None
+    note(f"no model or data given: distilling the built-in shapes teacher on "
+         f"{values['train_data_dir']} ({values['max_train_steps']} steps of batch "
+         f"{values['train_batch_size']} at {values['resolution']}px)")
+    return values
+
+
 def _run(values: dict, dry_run: bool) -> None:
     import json
     import signal
@@ -276,6 +305,9 @@ def _run(values: dict, dry_run: bool) -> None:
     from codi_eqx.train import train as run_training
 
     try:
+        if not values["pretrained_model_name_or_path"] and not (
+                values["train_data_dir"] or values["dataset_name"]):
+            values = _builtin_run(values)
         config = TrainConfig(**values)
         p = plan(config)  # every check that needs no weights, before the progress bar starts
         if dry_run:

@@ -3,6 +3,9 @@
 from . import diffusion as diffusion
 from . import models as models
 from . import nn as nn
+from ._adapter_settings import ADAPTER_SETTINGS_KEY as ADAPTER_SETTINGS_KEY
+from ._adapter_settings import AdapterSettings as AdapterSettings
+from ._adapter_settings import adapter_settings as adapter_settings
 from ._compilation_cache import disable_compilation_cache as disable_compilation_cache
 from ._compilation_cache import enable_compilation_cache as enable_compilation_cache
 from ._pipeline import Pipeline as Pipeline
@@ -25,8 +28,9 @@ def load_adapter(path, *, dtype=None):
     return _load(path, dtype=jnp.float32 if dtype is None else dtype)
 
 
-def save_adapter(adapter, path) -> None:
-    """Write an adapter atomically (config.json + safetensors, diffusers ControlNet layout)."""
+def save_adapter(adapter, path, *, settings=None) -> None:
+    """Write an adapter atomically (config.json + safetensors, diffusers ControlNet layout),
+    with `settings` (an `AdapterSettings`) recorded in its config.json when given."""
     from weights_conversion import save_adapter as _save
 
-    _save(adapter, path)
+    _save(adapter, path, extra_config=None if settings is None else settings.config_entry())

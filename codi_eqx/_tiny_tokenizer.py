@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -50,24 +51,59 @@ def _byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def tiny_clip_vocab() -> dict[str, int]:
-    """The token -> id table (525 tokens: 512 byte symbols, 11 merges, 2 specials)."""
+def bpe(word: str, merges: Sequence[tuple[str, str]]) -> list[str]:
+    """The tokens of one lower-case ASCII word under byte-level BPE with `merges` (in rank
+    order), the closing symbol carrying `</w>`, as CLIP's tokenizer splits it."""
+    rank: dict[tuple[str, str], int] = {}
+    for i, m in enumerate(merges):
+        rank.setdefault(m, i)
+    never = len(merges)
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(rank.get((a, b), never), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best == never:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def word_merges(words: Sequence[str], base: Sequence[tuple[str, str]] = MERGES
+                ) -> tuple[tuple[str, str], ...]:
+    """`base` followed by the merges that make each of `words` (lower-case ASCII) one token."""
+    merges = list(base)
+    for _ in range(64):
+        split = [(w, bpe(w, merges)) for w in words]
+        todo = [(w, parts) for w, parts in split if len(parts) > 1]
+        if not todo:
+            return tuple(merges)
+        for _, parts in todo:
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+    raise RuntimeError("word_merges did not converge")  # pragma: no cover
+
+
+def tiny_clip_vocab(merges: Sequence[tuple[str, str]] = MERGES) -> dict[str, int]:
+    """The token -> id table: 512 byte symbols, one token per merge, 2 specials (525 tokens
+    with the default merges)."""
     symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in MERGES] + [BOS, EOS]
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}
 
 
-def write_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 16) -> Path:
+def write_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 16,
+                              words: Sequence[str] = ()) -> Path:
     """Write the tiny tokenizer to `folder` (created if needed) and return the folder.
 
-    Prompts are padded with `<|endoftext|>` (Stable Diffusion 1.x's choice) to
-    `model_max_length` under `padding="max_length"`.
+    Each of `words` becomes a single token. Prompts are padded with `<|endoftext|>` (Stable
+    Diffusion 1.x's choice) to `model_max_length` under `padding="max_length"`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = tiny_clip_vocab()
+    merge_list = word_merges(words) if words else MERGES
+    vocab = tiny_clip_vocab(merge_list)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merge_list)
     (folder / "merges.txt").write_text(merges, encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     config = {

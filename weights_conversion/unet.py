@@ -102,15 +102,21 @@ def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike, *, dtype=No
     _write_dir_atomically(Path(folder), write)
 
 
-def save_adapter(adapter: ControlNetModel, folder: str | os.PathLike, *, dtype=None) -> None:
-    """Write an adapter: a ControlNet config.json (tagged with this project's format) and its
-    weights in diffusers' ControlNet layout, so that an adapter with a condition encoder is a
-    diffusers ControlNet folder as it stands. Written to a temporary folder, then renamed."""
+def save_adapter(adapter: ControlNetModel, folder: str | os.PathLike, *, dtype=None,
+                 extra_config: Optional[dict] = None) -> None:
+    """Write an adapter: a ControlNet config.json (tagged with this project's format, plus
+    `extra_config`'s entries, whose keys start with `_` so that diffusers ignores them) and
+    its weights in diffusers' ControlNet layout, so that an adapter with a condition encoder
+    is a diffusers ControlNet folder as it stands. Written to a temporary folder, then
+    renamed."""
+    if extra_config and any(not k.startswith("_") for k in extra_config):
+        raise ValueError("extra_config keys must start with '_' (diffusers ignores those)")
 
     def write(tmp: Path) -> None:
         config = adapter.config.to_dict()
         config["_codi_eqx_format"] = ADAPTER_FORMAT
         config["_codi_eqx_format_version"] = ADAPTER_FORMAT_VERSION
+        config.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(
             export_state(adapter, CONTROLNET_NAME_MAP, dtype=dtype),

@@ -1,7 +1,9 @@
-"""CoDi distillation: options, loss, train state, the compiled data-parallel step."""
+"""CoDi distillation (and the plain ControlNet objective): options, loss, train state, the
+compiled data-parallel step."""
 
 from ._config import DistillConfig as DistillConfig
 from ._config import OptimConfig as OptimConfig
+from ._loss import diffusion_loss as diffusion_loss
 from ._loss import draw_example as draw_example
 from ._loss import example_loss as example_loss
 from ._loss import teacher_is_online as teacher_is_online
@@ -18,3 +20,4 @@ from ._step import ema_update as ema_update
 from ._step import ACCUMULATION_LOOPS as ACCUMULATION_LOOPS
 from ._step import accumulation_loop_for as accumulation_loop_for
 from ._step import make_train_step as make_train_step
+from ._step import metric_names as metric_names

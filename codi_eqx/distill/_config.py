@@ -12,8 +12,10 @@ ControlParams = Literal["target", "online"]
 DistillLoss = Literal["consistency_x", "consistency_epsilon"]
 GuidanceDraw = Literal["per_example", "per_batch_integer"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Objective = Literal["codi", "controlnet"]
 
 _CHOICES = {
+    "objective": ("codi", "controlnet"),
     "distill_type": ("conditional", "unconditional"),
     "onestepode": ("control", "uncontrol"),
     "onestepode_control_params": ("target", "online"),
@@ -27,6 +29,9 @@ _CHOICES = {
 class DistillConfig:
     """CoDi's loss options (codi-algorithm.md); every field is a static choice."""
 
+    objective: Objective = "codi"
+    """`codi`: CoDi's consistency distillation; `controlnet`: the standard ControlNet
+    objective, the plain diffusion loss of UNet + adapter (no teacher, no EMA target)."""
     prediction_type: str = "epsilon"
     """How raw model outputs convert to (x, eps): the base model's `prediction_type`."""
     distill_type: DistillType = "conditional"
@@ -83,6 +88,14 @@ class DistillConfig:
             raise ValueError("distill_learning_steps must be at least 1")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError("snr_gamma must be positive")
+        if self.objective == "controlnet":
+            for name in _CODI_ONLY:
+                value, default = getattr(self, name), _DEFAULTS[name]
+                if value != default:
+                    raise ValueError(
+                        f"{name}={value!r} applies to objective='codi' only: "
+                        f"objective='controlnet' trains with the plain diffusion loss (leave "
+                        f"{name} at {default!r})")
 
     @property
     def uses_guidance(self) -> bool:
@@ -90,6 +103,15 @@ class DistillConfig:
 
     def replace(self, **kwargs) -> "DistillConfig":
         return dataclasses.replace(self, **kwargs)
+
+
+# Options of CoDi's loss that mean nothing for the plain diffusion loss.
+_CODI_ONLY = (
+    "full_codi", "cfg_aware_distill", "onestepode", "onestepode_control_params",
+    "onestepode_cfg", "onestepode_true_noise", "distill_loss", "snr_gamma",
+    "x0_regularizer_weight", "shared_timestep",
+)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..diffusion import consistency_output, distill_timestep, to_x_eps
+from ..diffusion import consistency_output, distill_timestep, from_x_eps, to_x_eps
 from ._config import DistillConfig
 from ._state import Frozen, Trainable
 
@@ -80,11 +80,15 @@ def draw_example(
     num_train_timesteps: int, cfg: DistillConfig,
 ) -> ExampleDraws:
     """An example's timesteps, noises and guidance scale from its own key; the batch-level
-    options (shared timestep, per-batch integer scale) draw from `batch_key` instead."""
+    options (shared timestep, per-batch integer scale) draw from `batch_key` instead. The
+    `controlnet` objective draws t uniformly in [0, T) (and s = t, unused)."""
     k_t, k_eps, k_post, k_w = jax.random.split(key, 4)
     b_t, b_w = jax.random.split(batch_key)
-    t, s = distill_timestep(b_t if cfg.shared_timestep else k_t, num_train_timesteps,
-                            cfg.distill_learning_steps)
+    if cfg.objective == "controlnet":
+        t = s = jax.random.randint(k_t, (), 0, num_train_timesteps, dtype=jnp.int32)
+    else:
+        t, s = distill_timestep(b_t if cfg.shared_timestep else k_t, num_train_timesteps,
+                                cfg.distill_learning_steps)
     if cfg.guidance_draw == "per_batch_integer":
         w = jax.random.randint(
             b_w, (), int(cfg.distill_guidance_min), max(int(cfg.distill_guidance_max),
@@ -130,6 +134,27 @@ def example_text(frozen: Frozen, example: dict) -> Float[Array, "seq d"]:
     return frozen.text_encoder(example["input_ids"]).astype(jnp.float32)
 
 
+def diffusion_loss(
+    params: Trainable, frozen: Frozen, example: dict, key: PRNGKeyArray,
+    batch_key: PRNGKeyArray, cfg: DistillConfig, latent_shape: tuple[int, ...],
+) -> tuple[Float[Array, ""], dict]:
+    """The standard ControlNet objective for one example: t ~ U{0..T-1},
+    z_t = alpha_t x0 + sigma_t eps, loss = mean((F(z_t, t) - target)^2) with F the UNet +
+    adapter and target the `prediction_type`'s regression target (`from_x_eps`)."""
+    schedule = frozen.schedule
+    draws = draw_example(key, batch_key, latent_shape, schedule.num_train_timesteps, cfg)
+    x0 = jax.lax.stop_gradient(example_latents(frozen, example, draws.posterior_noise))
+    text = jax.lax.stop_gradient(example_text(frozen, example))
+    cond = example.get("conditioning_pixel_values") if cfg.distill_type == "conditional" else None
+    t = draws.t
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    z_t = a_t * x0 + s_t * draws.noise
+    target = from_x_eps(x0, draws.noise, a_t, s_t, cfg.prediction_type)
+    f = model_output(params, frozen, z_t, t, text, cond, cfg)
+    loss = jnp.mean(jnp.square(f - target))
+    return loss, {"timestep": t.astype(jnp.float32)}
+
+
 def teacher_is_online(cfg: DistillConfig) -> bool:
     """Whether the one-step teacher's pass is the online pass without gradient: the adapter
     with the current parameters (`onestepode control`, `onestepode_control_params online`)
@@ -143,7 +168,8 @@ def example_loss(
     batch_key: PRNGKeyArray, cfg: DistillConfig, latent_shape: tuple[int, ...],
     *, share_passes: bool = True,
 ) -> tuple[Float[Array, ""], dict]:
-    """The CoDi loss of one example and its two terms (before averaging).
+    """The loss of one example and its terms (before averaging): CoDi's, or with
+    `cfg.objective == "controlnet"` the plain diffusion loss (`diffusion_loss`, `ema` unused).
 
     Steps 1-7 of codi-algorithm.md: noise x0 to z_t; one teacher ODE step to z_s (no
     gradient); target f_{theta_minus}(z_s, s) (no gradient); online f_theta(z_t, t); the
@@ -152,6 +178,8 @@ def example_loss(
     `share_passes` reuses the online pass as the teacher's where they are the same
     computation (`teacher_is_online`); False computes both (the same values: for tests).
     """
+    if cfg.objective == "controlnet":
+        return diffusion_loss(params, frozen, example, key, batch_key, cfg, latent_shape)
     schedule = frozen.schedule
     draws = draw_example(key, batch_key, latent_shape, schedule.num_train_timesteps, cfg)
     x0 = jax.lax.stop_gradient(example_latents(frozen, example, draws.posterior_noise))

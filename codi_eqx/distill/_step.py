@@ -18,6 +18,14 @@ from ._loss import example_loss
 from ._state import Frozen, TrainState
 
 METRIC_NAMES = ("loss", "loss_consistency", "loss_regularizer", "timestep", "guidance_scale")
+"""The step's metrics (besides `grad_norm` and `lr`) for CoDi's objective."""
+DIFFUSION_METRIC_NAMES = ("loss", "timestep")
+"""The step's metrics (besides `grad_norm` and `lr`) for the `controlnet` objective."""
+
+
+def metric_names(cfg: DistillConfig) -> tuple[str, ...]:
+    """The metrics the step returns for `cfg`'s objective, besides `grad_norm` and `lr`."""
+    return DIFFUSION_METRIC_NAMES if cfg.objective == "controlnet" else METRIC_NAMES
 
 
 def ema_update(ema, params, decay: float):
@@ -131,7 +139,7 @@ def make_train_step(
             g0 = jax.tree.map(jnp.zeros_like, p_dyn)
             m0 = {
                 name: jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
-                for name in METRIC_NAMES
+                for name in metric_names(cfg)
             }
             if accumulation_loop == "scan" and k > 1:
                 (grads, metrics), _ = jax.lax.scan(body, (g0, m0), (micro, micro_pos))

@@ -92,6 +92,15 @@ class ControlNetConfig:
         return dataclasses.replace(self, **kwargs)
 
 
+def conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """The condition encoder's widths for a VAE downsampling by `vae_scale_factor` (a power
+    of two, 2 to 16): diffusers' (16, 32, 96, 256) for 8, shortened or extended otherwise."""
+    stages = {2: 1, 4: 2, 8: 3, 16: 4}.get(vae_scale_factor)
+    if stages is None:
+        raise ValueError(f"VAE scale factor {vae_scale_factor}: expected 2, 4, 8 or 16")
+    return (16, 32, 96, 256, 256)[: stages + 1]
+
+
 class ControlNetConditioningEmbedding(eqx.Module):
     """The condition-image encoder: conv + SiLU stages down to latent resolution, then a
     zero-initialised `conv_out` to the UNet's first block width."""
@@ -178,13 +187,25 @@ class ControlNetModel(eqx.Module):
     @classmethod
     def from_unet(
         cls, unet: UNet2DConditionModel, *, conditioning_channels: Optional[int] = 3,
-        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
-        controlnet_conditioning_channel_order: str = "rgb", key: PRNGKeyArray,
+        conditioning_embedding_out_channels: Optional[tuple[int, ...]] = None,
+        controlnet_conditioning_channel_order: str = "rgb", vae_scale_factor: int = 8,
+        key: PRNGKeyArray,
     ) -> "ControlNetModel":
         """A new adapter: `conv_in`, time embedding, down blocks and mid block copied from
         `unet`; zero convolutions and the condition encoder's output conv at zero; the rest of
         the condition encoder randomly initialised from `key`. Parameters are float32 copies
-        (trainable master weights), whatever the UNet's dtype."""
+        (trainable master weights), whatever the UNet's dtype.
+
+        The condition encoder's widths default to diffusers' (16, 32, 96, 256) for a VAE that
+        downsamples 8x (three stride-2 stages), and to its first `log2(vae_scale_factor) + 1`
+        entries otherwise, so that it maps the image to the latents' size."""
+        if conditioning_embedding_out_channels is None:
+            conditioning_embedding_out_channels = conditioning_embedding_channels(vae_scale_factor)
+        elif 2 ** (len(conditioning_embedding_out_channels) - 1) != vae_scale_factor:
+            raise ValueError(
+                f"conditioning_embedding_out_channels {tuple(conditioning_embedding_out_channels)}"
+                f" downsample {2 ** (len(conditioning_embedding_out_channels) - 1)}x, the VAE "
+                f"{vae_scale_factor}x")
         config = ControlNetConfig(
             unet=unet.config,
             conditioning_channels=conditioning_channels,

@@ -3,6 +3,7 @@ batched with `vmap`, optionally split over all devices."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
+from .._adapter_settings import AdapterSettings
 from ..diffusion import (
     NoiseSchedule,
     codi_sampling_timesteps,
@@ -24,10 +26,10 @@ from ..diffusion import (
 )
 from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 from ._guided import guided_model_output
+from ._options import SAMPLERS, sampling_options
 from ._samplers import codi_step
 
 Sampler = Literal["codi", "ddim"]
-SAMPLERS = ("codi", "ddim")
 
 
 @dataclass(frozen=True)
@@ -250,11 +252,13 @@ def generate(
     control_images: Any = None,
     steps: Optional[int] = None,
     guidance_scale: Optional[float] = None,
-    sampler: str = "codi",
+    sampler: Optional[str] = None,
     seed: int = 0,
     num_images_per_prompt: int = 1,
-    distill_learning_steps: int = 50,
-    timestep_scaling: float = 10.0,
+    distill_learning_steps: Optional[int] = None,
+    timestep_scaling: Optional[float] = None,
+    prediction_type: Optional[str] = None,
+    settings: Optional[AdapterSettings] = None,
     controlnet_conditioning_scale: float = 1.0,
     batch_size: Optional[int] = None,
     height: Optional[int] = None,
@@ -278,11 +282,15 @@ def generate(
       or uint8; required by an adapter with a condition encoder, refused otherwise.
     - `steps`: sampling steps (default 4 for `codi`, 50 for `ddim`).
     - `guidance_scale`: `w` (default 1.0 for `codi`: a single conditional pass; 7.5 for `ddim`).
-    - `sampler`: `"codi"` or `"ddim"`.
+    - `sampler`: `"codi"` or `"ddim"` (default: the one `settings` names, else `codi`).
     - `seed`: the run's seed.
     - `num_images_per_prompt`: images per prompt.
-    - `distill_learning_steps`: `N` of the distillation grid (CoDi).
-    - `timestep_scaling`: `tau` of the consistency scalings (CoDi).
+    - `distill_learning_steps`: `N` of the distillation grid (CoDi; default: `settings`', else 50).
+    - `timestep_scaling`: `tau` of the consistency scalings (CoDi; default: `settings`', else 10).
+    - `prediction_type`: how outputs convert, for both samplers (default: `settings`', else
+      the model's).
+    - `settings`: the adapter's training record (`codi_eqx.adapter_settings(path)`), whose
+      values are the defaults of the four options above (`sampling_options`).
     - `controlnet_conditioning_scale`: multiplies the adapter's residuals.
     - `batch_size`: images per compiled batch (default: all of them at once).
     - `height`, `width`: image size (default: the control image's, else the UNet's
@@ -291,8 +299,11 @@ def generate(
 
     **Returns:** images `(B, H, W, 3)`, uint8.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    opts = sampling_options(
+        settings, pipe.prediction_type, sampler=sampler,
+        distill_learning_steps=distill_learning_steps, timestep_scaling=timestep_scaling,
+        prediction_type=prediction_type)
+    sampler = opts.sampler
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -325,13 +336,13 @@ def generate(
         raise ValueError(f"image size {height}x{width} is not divisible by the VAE factor {factor}")
 
     timesteps, prev = sampler_timesteps(
-        sampler, steps, pipe.schedule, pipe.scheduler_config, distill_learning_steps
+        sampler, steps, pipe.schedule, pipe.scheduler_config, opts.distill_learning_steps
     )
     spec = SamplerSpec(
         sampler=sampler, timesteps=timesteps, prev_timesteps=prev,
         cfg=float(guidance_scale) != 1.0,
         latent_shape=(pipe.unet.config.in_channels, height // factor, width // factor),
-        timestep_scaling=float(timestep_scaling),
+        timestep_scaling=opts.timestep_scaling,
     )
 
     total = len(prompts) * num_images_per_prompt
@@ -342,7 +353,11 @@ def generate(
     neg_ids = np.asarray(pipe.tokenize(negatives))
 
     sharding = _batch_sharding(bs)
-    models = (pipe.unet, pipe.vae, pipe.text_encoder, adapter, pipe.schedule)
+    # The samplers convert outputs with the schedule's prediction type.
+    schedule = pipe.schedule
+    if opts.prediction_type != schedule.prediction_type:
+        schedule = dataclasses.replace(schedule, prediction_type=opts.prediction_type)
+    models = (pipe.unet, pipe.vae, pipe.text_encoder, adapter, schedule)
     if sharding is not None:
         replicated = NamedSharding(sharding.mesh, PartitionSpec())
         models = eqx.filter_shard(models, replicated)

@@ -108,8 +108,10 @@ def clean_partial(output_dir: str | os.PathLike) -> None:
 def save_checkpoint(
     output_dir: str | os.PathLike, step: int, state: Any, *, adapter: Any,
     data_state: dict, config: dict, total_limit: Optional[int] = None,
+    adapter_config: Optional[dict] = None,
 ) -> Path:
-    """Write `checkpoint-{step}` atomically, then keep only the newest `total_limit`."""
+    """Write `checkpoint-{step}` atomically, then keep only the newest `total_limit`.
+    `adapter_config`: entries added to the adapter's config.json (its `AdapterSettings`)."""
     from weights_conversion import save_adapter
 
     root = checkpoints_dir(output_dir)
@@ -119,7 +121,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_adapter(adapter, tmp / "adapter")
+        save_adapter(adapter, tmp / "adapter", extra_config=adapter_config)
         eqx.tree_serialise_leaves(tmp / "state.eqx", state)
         (tmp / "data.json").write_text(json.dumps(data_state, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

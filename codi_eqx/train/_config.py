@@ -70,6 +70,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Rematerialise the UNet's blocks in the backward pass (less memory, more compute)."""
     # --- distillation (codi-algorithm.md) -----------------------------------------------
+    objective: str = "codi"
+    """`codi` (CoDi's consistency distillation) or `controlnet` (the standard ControlNet
+    objective: the plain diffusion loss of UNet + adapter)."""
     distill_type: str = "conditional"
     distill_learning_steps: int = 50
     distill_loss: str = "consistency_x"
@@ -99,7 +102,9 @@ class TrainConfig:
     validation_image: tuple[str, ...] = ()
     validation_steps: int = 100
     num_validation_images: int = 4
-    validation_inference_steps: int = 4
+    validation_inference_steps: Optional[int] = None
+    """Sampling steps of the validation images (None: 4 CoDi steps, or 50 DDIM steps for the
+    `controlnet` objective)."""
     # --- testing hooks (not for users) --------------------------------------------------
     debug_nan_at_step: Optional[int] = field(default=None)
     """Testing hook: the batch of this step (1-based) is made NaN, to exercise the guard."""
@@ -119,7 +124,7 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                      "logging_steps", "checkpointing_steps", "validation_steps",
                      "num_validation_images", "validation_inference_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise TrainConfigError(f"--max_train_steps must be at least 1 (got {self.max_train_steps})")
@@ -157,7 +162,8 @@ class TrainConfig:
 
     def distill_config(self, prediction_type: str) -> DistillConfig:
         return DistillConfig(
-            prediction_type=prediction_type, distill_type=self.distill_type,
+            objective=self.objective, prediction_type=prediction_type,
+            distill_type=self.distill_type,
             onestepode=self.onestepode, onestepode_control_params=self.onestepode_control_params,
             onestepode_cfg=self.onestepode_cfg, onestepode_true_noise=self.onestepode_true_noise,
             cfg_aware_distill=self.cfg_aware_distill,

@@ -367,10 +367,12 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Metrics,
-              first: bool) -> None:
-    """Few-step samples of the EMA adapter for each validation prompt (one row of
-    `num_validation_images` per prompt), and the teacher's DDIM samples at the first one."""
+def _validate(config: TrainConfig, pipe, ema, settings, step: int, out: Path,
+              metrics: _Metrics, first: bool) -> None:
+    """Samples of the EMA adapter for each validation prompt (one row of
+    `num_validation_images` per prompt) with the sampler and settings it is trained for
+    (`settings`, an `AdapterSettings`: few CoDi steps, or DDIM for the `controlnet`
+    objective), and the teacher's DDIM samples at the first one."""
     import dataclasses
 
     import jax
@@ -389,16 +391,14 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
     sample_pipe = dataclasses.replace(pipe, unet=ema.unet) if ema.unet is not None else pipe
     common = dict(control_images=control, seed=config.seed,
                   num_images_per_prompt=config.num_validation_images,
-                  distill_learning_steps=config.distill_learning_steps,
                   height=config.resolution, width=config.resolution)
     out.mkdir(parents=True, exist_ok=True)
     with jax.numpy_dtype_promotion("standard"):  # see the step call in `train`
-        imgs = generate(sample_pipe, ema.adapter, prompts,
-                        steps=config.validation_inference_steps, sampler="codi",
-                        timestep_scaling=config.distill_timestep_scaling, **common)
+        imgs = generate(sample_pipe, ema.adapter, prompts, settings=settings,
+                        steps=config.validation_inference_steps, **common)
     grid = image_grid(np.asarray(imgs), config.num_validation_images)
     _write_png(out / f"step-{step:07d}.png", grid)
-    metrics.log_images("validation/codi", grid, step)
+    metrics.log_images(f"validation/{settings.sampler}", grid, step)
     if first and not (out / "teacher-ddim.png").exists():
         with jax.numpy_dtype_promotion("standard"):
             teacher = generate(pipe, ema.adapter if control is not None else None, prompts,
@@ -409,6 +409,23 @@ def _validate(config: TrainConfig, pipe, ema, step: int, out: Path, metrics: _Me
 
 
 # --- the loop ------------------------------------------------------------------------------------
+
+
+def _adapter_settings(config: TrainConfig, p: Plan, model_prediction_type: str):
+    """The `AdapterSettings` this run records in the adapters it saves."""
+    from .._adapter_settings import AdapterSettings
+
+    given = config.pretrained_model_name_or_path
+    return AdapterSettings(
+        objective=config.objective, distill_learning_steps=config.distill_learning_steps,
+        distill_timestep_scaling=config.distill_timestep_scaling,
+        prediction_type=p.prediction_type,
+        prediction_type_forced=p.prediction_type != model_prediction_type,
+        cfg_aware_distill=config.cfg_aware_distill,
+        distill_guidance_min=config.distill_guidance_min,
+        distill_guidance_max=config.distill_guidance_max, distill_type=config.distill_type,
+        base_model=str(Path(given).resolve()) if Path(given).exists() else given,
+    )
 
 
 class _Stop:
@@ -439,9 +456,9 @@ class _Stop:
 def train(config: TrainConfig, *, progress: Any = None,
           on_plan: Optional[Callable[[Plan], None]] = None,
           checked: Optional[Plan] = None) -> dict:
-    """Run CoDi distillation as `config` says; returns a summary dict (`step`, `loss`,
-    `output_dir`, `interrupted` (the signal number or None), `skipped_images`,
-    `checkpoint`).
+    """Train the adapter as `config` says (CoDi distillation, or the `controlnet`
+    objective); returns a summary dict (`step`, `loss`, `output_dir`, `interrupted` (the
+    signal number or None), `skipped_images`, `checkpoint`).
 
     `progress`: a rich `Progress` (or None for no bar). `checked`: the `plan(config)` already
     made by the caller (made here when None). Raises `TrainConfigError` for bad
@@ -479,6 +496,7 @@ def train(config: TrainConfig, *, progress: Any = None,
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         config.dtype_name]
     pipe = load_pipeline(p.model_path, dtype=dtype, remat=config.gradient_checkpointing)
+    settings = _adapter_settings(config, p, pipe.prediction_type)
     distill_cfg = config.distill_config(p.prediction_type)
     optim_cfg = config.optim_config(p.global_batch_size, p.max_train_steps)
     mesh = make_mesh()
@@ -487,7 +505,7 @@ def train(config: TrainConfig, *, progress: Any = None,
     adapter_key, state_key = jax.random.split(key)
     adapter = ControlNetModel.from_unet(
         pipe.unet, conditioning_channels=3 if config.distill_type == "conditional" else None,
-        key=adapter_key)
+        vae_scale_factor=pipe.vae_scale_factor, key=adapter_key)
     params = Trainable(adapter, unet=pipe.unet if config.full_codi else None)
     frozen = make_frozen(None if config.full_codi else pipe.unet, pipe.vae, pipe.text_encoder,
                          pipe.schedule, null_input_ids=pipe.tokenize([""])[0])
@@ -540,7 +558,8 @@ def train(config: TrainConfig, *, progress: Any = None,
     def checkpoint(step: int) -> Path:
         return save_checkpoint(out, step, state, adapter=state.ema.adapter,
                                data_state=loader.state_dict(), config=config.to_dict(),
-                               total_limit=config.checkpoints_total_limit)
+                               total_limit=config.checkpoints_total_limit,
+                               adapter_config=settings.config_entry())
 
     step, loss, last_ckpt = start, float("nan"), latest_checkpoint(out)
     validated = False
@@ -581,9 +600,12 @@ def train(config: TrainConfig, *, progress: Any = None,
                 if step % config.logging_steps == 0 or step == p.max_train_steps:
                     metrics_log.log({
                         "step": step, "epoch": epoch,
+                        # The controlnet objective has no consistency / regulariser terms
+                        # and no guidance scale (`distill.metric_names`).
                         **{k: metrics[k] for k in ("loss", "loss_consistency",
                                                    "loss_regularizer", "grad_norm", "lr",
-                                                   "timestep", "guidance_scale")},
+                                                   "timestep", "guidance_scale")
+                           if k in metrics},
                         "examples_per_sec": p.global_batch_size * window / window_t,
                         "skipped_images": loader.skipped,
                     })
@@ -593,8 +615,8 @@ def train(config: TrainConfig, *, progress: Any = None,
                 if step % config.checkpointing_steps == 0 and main:
                     last_ckpt = checkpoint(step)
                 if config.validation_prompt and step % config.validation_steps == 0 and main:
-                    _validate(config, pipe, state.ema, step, out / "validation", metrics_log,
-                              first=not validated)
+                    _validate(config, pipe, state.ema, settings, step, out / "validation",
+                              metrics_log, first=not validated)
                     validated = True
                 if config.debug_signal_at_step == step:
                     os.kill(os.getpid(), getattr(signal, config.debug_signal))
@@ -604,7 +626,7 @@ def train(config: TrainConfig, *, progress: Any = None,
             last_ckpt = checkpoint(step)
         if interrupted is None and main:
             tmp = out / f".adapter.tmp-{os.getpid()}"
-            save_adapter(state.ema.adapter, tmp)
+            save_adapter(state.ema.adapter, tmp, extra_config=settings.config_entry())
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -613,8 +635,8 @@ def train(config: TrainConfig, *, progress: Any = None,
 
                 save_unet(state.ema.unet, out / "unet")
             if config.validation_prompt and step % config.validation_steps:
-                _validate(config, pipe, state.ema, step, out / "validation", metrics_log,
-                          first=not validated)
+                _validate(config, pipe, state.ema, settings, step, out / "validation",
+                          metrics_log, first=not validated)
     finally:
         it.close()  # stops the loader's background workers
         metrics_log.close()
