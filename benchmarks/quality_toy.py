@@ -38,17 +38,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_baseline(args) -> Path:
-    """The ControlNet baseline: the edge adapter's recipe (read from its record) with the
+    """The ControlNet baseline: the shipped edge adapter's recipe (`SHIPPED_RECIPES`) with the
     plain diffusion objective, trained once into benchmarks/.cache."""
-    from codi_eqx.toy import builtin_adapter
     from codi_eqx.toy._builtin import SHIPPED_RECIPES, TOY_TRAIN_DEFAULTS, prepare_builtin_run
     from codi_eqx.train import TrainConfig, train
 
     out = Path(__file__).resolve().parent / ".cache" / "controlnet-baseline"
     if (out / "config.json").exists():
         return out
-    del builtin_adapter
     recipe = dict(TOY_TRAIN_DEFAULTS, **SHIPPED_RECIPES["edges"], objective="controlnet")
+    for name in ("onestepode_cfg", "distill_guidance_min", "distill_guidance_max"):
+        recipe.pop(name)  # CoDi's teacher-step options: the plain diffusion loss has none
     if args.baseline_steps:
         recipe.update(max_train_steps=args.baseline_steps)
     recipe.update(checkpointing_steps=recipe["max_train_steps"],
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--feature_net", type=Path, default=None)
     ap.add_argument("--num", type=int, default=128, help="held-out prompts")
     ap.add_argument("--num_real", type=int, default=1024, help="real held-out images for FD")
-    ap.add_argument("--guidance_scale", type=float, default=7.5, help="teacher DDIM guidance")
+    ap.add_argument("--guidance_scale", type=float, default=None,
+                    help="teacher DDIM guidance (default: codi_eqx.toy._demo.TEACHER_GUIDANCE)")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few prompts, a few configurations")
@@ -109,7 +110,9 @@ def main(argv=None) -> int:
     real_feats = features(net, real)
     real2 = np.stack([shapes.render(s)[0] for s in held])
 
-    w = args.guidance_scale
+    from codi_eqx.toy._demo import TEACHER_GUIDANCE
+
+    w = TEACHER_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     configs = [  # name, adapter, sampler, steps, guidance, uses edges
         ("teacher DDIM 50 (text only)", None, "ddim", 50, w, False),
         ("teacher DDIM 8 (text only)", None, "ddim", 8, w, False),

@@ -98,7 +98,7 @@ def progress(**kwargs):
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
-        transient=False,
+        transient=kwargs.pop("transient", False),
         disable=kwargs.pop("disable", False),
         **kwargs,
     )

@@ -1,6 +1,14 @@
 """`codi`: distil Stable Diffusion into fast conditional generators (CoDi)."""
 
-import typer
+import os
+
+# transformers announces at import that PyTorch is absent (the default install has none: the
+# models are this project's); only its tokenizers and configs are used here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="codi",
@@ -8,11 +16,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings reflow as paragraphs (no hard line breaks)
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from codi_eqx import __version__
+
+        typer.echo(f"codi-eqx {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
     """CoDi: distil Stable Diffusion into a fast conditional generator (1-4 steps)."""
 
 
@@ -24,12 +44,9 @@ from .sample import sample  # noqa: E402
 from .train import train  # noqa: E402
 
 app.command("train")(train)
-
 app.command("sample")(sample)
-
 app.command("convert-weights")(convert_weights)
 app.command("demo")(demo)
-
 app.command("prepare-data")(prepare_data)
 app.command("pretrain-toy")(pretrain_toy)
 

@@ -23,6 +23,7 @@ from ._common import (
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -222,8 +223,9 @@ def sample(
     batch_size: Optional[int] = typer.Option(
         None, "--batch_size", "--batch-size", help="Images per compiled batch (default: all)."),
     output: Path = typer.Option(
-        Path("sample.png"), "--output", "-o", help="A .png file (one image, or a grid of "
-        "several), or a folder (one PNG per image)."),
+        Path("sample.png"), "--output", "-o", help="An image file, .png (with the settings as "
+        "text chunks), .jpg / .jpeg or .webp (one image, or a grid of several), or a folder "
+        "(one PNG per image)."),
     compilation_cache_dir: CompilationCacheDirOption = None,
     no_compilation_cache: NoCompilationCacheOption = False,
 ) -> None:
@@ -242,6 +244,7 @@ def _sample(
     if sampler is not None and sampler not in ("codi", "ddim"):
         raise CodiUsageError(f"--sampler {sampler}: expected codi or ddim")
     builtin_edges = None
+    builtin_default = model is None
     if model is None:
         model, adapter, prompt, builtin_edges = _builtin_inputs(
             adapter, sampler, prompt, prompt_file, control_image, seed)
@@ -288,14 +291,19 @@ def _sample(
         control = _load_control_image(control_image, resolution, factor)
     elif builtin_edges is not None:
         control = builtin_edges.astype("float32") / 255.0
-    as_file = output.suffix.lower() == ".png"
+    file_format = _IMAGE_FORMATS.get(output.suffix.lower())
+    as_file = file_format is not None
+    if not as_file and output.suffix and not output.is_dir():
+        raise CodiUsageError(f"--output {output}: unknown image type {output.suffix!r} (use "
+                             ".png, .jpg, .jpeg or .webp, or a folder without a suffix)")
     if not as_file and output.exists() and not output.is_dir():
         raise CodiUsageError(f"--output {output}: exists and is not a folder (give a .png path "
                              "or a folder)")
 
     # Every check passed: say where the options go against the adapter's training record.
     _note_contradictions(settings, options, guidance_scale)
-    if settings is not None and settings.base_model and not _same_model(model, settings.base_model):
+    if (settings is not None and settings.base_model and not builtin_default
+            and not _same_model(model, settings.base_model)):
         note(f"note: the adapter was trained on {settings.base_model}; sampling with --model "
              f"{model}")
 
@@ -313,6 +321,12 @@ def _sample(
     if pipe.vae_scale_factor != factor and resolution is not None and resolution % pipe.vae_scale_factor:
         raise CodiUsageError(f"--resolution {resolution} is not a multiple of the VAE factor "
                              f"{pipe.vae_scale_factor}")
+    limit = pipe.tokenizer.model_max_length
+    for p in dict.fromkeys(prompts):
+        n_tokens = len(pipe.tokenizer(p).input_ids)
+        if n_tokens > limit:
+            note(f"note: the prompt {p[:40]!r}... has {n_tokens} tokens; the text encoder reads "
+                 f"the first {limit} (the rest is cut off)")
     net = None
     if adapter is not None:
         try:
@@ -392,7 +406,10 @@ def _sample(
         if total > 1:
             meta["grid"] = f"{total} images, prompt by prompt, {num_images} per prompt"
         with atomic_path(output) as tmp:
-            Image.fromarray(img).save(tmp, format="PNG", pnginfo=_png_info(meta))
+            if file_format == "PNG":
+                Image.fromarray(img).save(tmp, format="PNG", pnginfo=_png_info(meta))
+            else:
+                Image.fromarray(img).save(tmp, format=file_format, quality=95)
         note(f"wrote {output}")
     else:
         with atomic_path(output, is_dir=True) as tmp:

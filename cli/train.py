@@ -38,6 +38,7 @@ def _opt(name: str, help: str, panel: Optional[str] = None, *aliases: str, **kw)
 
 
 def train(
+    ctx: typer.Context,
     pretrained_model_name_or_path: Annotated[str, _opt(
         "pretrained_model_name_or_path",
         "The Stable Diffusion model: a diffusers-format folder, a `codi convert-weights` folder, "
@@ -240,7 +241,9 @@ def train(
     --resume_from_checkpoint latest.
     """
     values = dict(locals())
+    values.pop("ctx")
     values.pop("dry_run")
+    given = _given_on_the_command_line(ctx, values)
     for name in ("distributed", "coordinator_address", "num_processes", "process_id",
                  "compilation_cache_dir", "no_compilation_cache"):
         values.pop(name)
@@ -263,20 +266,17 @@ def train(
     if values["report_to"] == "none":
         values["report_to"] = None
     with reported_errors():
-        _run(values, dry_run)
+        _run(values, dry_run, given)
 
 
-def _builtin_run(values: dict) -> dict:
+def _builtin_run(values: dict, given: set[str]) -> dict:
     """No model and no data: distil the built-in shapes teacher on freshly drawn shapes,
-    with the built-in run's defaults wherever a flag was left at its own default."""
-    import inspect
-
+    with the built-in run's defaults for every option not given."""
     from codi_eqx.toy import TOY_TRAIN_DEFAULTS, BuiltinMissingError, prepare_builtin_run
 
-    defaults = inspect.signature(train).parameters
     values = dict(values)
     for name, value in TOY_TRAIN_DEFAULTS.items():
-        if values[name] == defaults[name].default:
+        if name not in given:
             values[name] = value
     try:
         with progress(transient=True) as bar:
@@ -290,7 +290,21 @@ def _builtin_run(values: dict) -> dict:
     return values
 
 
-def _run(values: dict, dry_run: bool) -> None:
+def _given_on_the_command_line(ctx: typer.Context, values: dict) -> set[str]:
+    """The options the user set (on the command line or through the environment)."""
+    given = set()
+    for name in values:
+        try:
+            source = ctx.get_parameter_source(name)
+        except Exception:  # not a parameter of this command
+            continue
+        # By name: Typer may bring its own copy of click's ParameterSource enum.
+        if getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return given
+
+
+def _run(values: dict, dry_run: bool, given: set[str] = frozenset()) -> None:
     import json
     import signal
 
@@ -307,7 +321,7 @@ def _run(values: dict, dry_run: bool) -> None:
     try:
         if not values["pretrained_model_name_or_path"] and not (
                 values["train_data_dir"] or values["dataset_name"]):
-            values = _builtin_run(values)
+            values = _builtin_run(values, given)
         config = TrainConfig(**values)
         p = plan(config)  # every check that needs no weights, before the progress bar starts
         if dry_run:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

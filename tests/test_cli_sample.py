@@ -130,3 +130,27 @@ def test_errors(files, tmp_path, case, code):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("suffix,fmt", [(".jpg", "JPEG"), (".webp", "WEBP")])
+def test_other_image_formats(files, tmp_path, suffix, fmt):
+    out = tmp_path / f"cat{suffix}"
+    r = run("--model", files / "model", "--prompt", "a cat", "--steps", 1, "--output", out)
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+    with Image.open(out) as im:
+        assert im.format == fmt and im.size == (64, 64)
+    bad = run("--model", files / "model", "--prompt", "a cat", "--output", tmp_path / "x.gif")
+    assert bad.exit_code == 2 and "unknown image type" in bad.output
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_a_long_prompt_gets_a_truncation_note(files, tmp_path):
+    long = " ".join(["red"] * 40)
+    r = run("--model", files / "model", "--prompt", long, "--steps", 1, "--output",
+            tmp_path / "long.png")
+    assert r.exit_code == 0, r.output
+    assert "cut off" in r.stderr
+    short = run("--model", files / "model", "--prompt", "red", "--steps", 1, "--output",
+                tmp_path / "short.png")
+    assert "cut off" not in short.stderr

@@ -1,4 +1,4 @@
-"""`codi demo`, the README's run command: the whole job on the built-in tiny model."""
+"""`codi demo`, the README's run command: the whole job on the built-in shapes teacher."""
 
 import json
 
@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.demo import demo
-from codi_eqx import load_adapter
+from codi_eqx import adapter_settings, load_adapter
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("demo")(demo)
@@ -16,13 +16,20 @@ app.command("other")(lambda: None)
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(app, ["demo", str(out), "--max_train_steps", "2", "--steps", "2"])
+    r = CliRunner().invoke(app, ["demo", str(out), "--max_train_steps", "2", "--steps", "1"])
     assert r.exit_code == 0, r.output
     assert load_adapter(out / "run").controlnet_cond_embedding is not None
+    assert adapter_settings(out / "run").objective == "codi"
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     with Image.open(out / "samples.png") as im:
-        assert im.size == (128, 128)
+        assert im.size == (8 * 64 * 2, 3 * 64 * 2)  # 8 held-out captions; edges, CoDi, DDIM
+    report = json.loads((out / "samples.json").read_text())
+    assert len(report["captions"]) == 8 and report["train_steps"] == 2
+    for side in ("codi", "teacher_ddim50"):
+        assert 0.0 <= report["scores"][side]["caption_adherence"] <= 1.0
+        assert 0.0 <= report["scores"][side]["edge_f1"] <= 1.0
+    assert "caption adherence" in r.output
     # A second demo into the same folder refuses to overwrite the run.
     again = CliRunner().invoke(app, ["demo", str(out), "--max_train_steps", "2"])
     assert again.exit_code == 2 and "exists" in again.output

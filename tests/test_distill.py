@@ -308,3 +308,415 @@ def test_teacher_pass_shared_with_online_equals_separate(guided):
     for a, b in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(separate[1])):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12
+
+
+# ------------------------------------------- the loss with distinct parameters, by hand
+#
+# Online, EMA and teacher parameters all differ (zero convolutions non-zero), so the
+# transcription below tells apart which model each pass uses: the original's bugs (a
+# teacher with the adapter's initial parameters, a condition image not reaching the
+# teacher, guidance halves swapped, the trained UNet as the full-CoDi `uncontrol` teacher)
+# each move the loss (a blank condition image: the teacher's output) by far more than the
+# tolerance.
+
+RTOL = 2e-4
+SENSITIVE = 10 * RTOL  # a wrong model must move the loss by at least this, relatively
+
+
+def _cfg(**options) -> distill.DistillConfig:
+    """The options with N = 5 (k = 200): a long teacher step, whose model shows in the loss."""
+    return distill.DistillConfig(**{"distill_learning_steps": 5, **options})
+
+
+class _Model(eqx.Module):
+    """One model of the transcription: an adapter (None: the UNet alone) and a UNet;
+    `blank_cond` feeds the adapter a black condition image instead of the example's."""
+
+    adapter: object
+    unet: object
+    blank_cond: bool = eqx.field(static=True, default=False)
+
+
+class _Distinct(eqx.Module):
+    """The models and the example of the distinct-parameter tests (see `distinct`)."""
+
+    frozen: distill.Frozen
+    pretrained: object
+    fresh: dict
+    pe: dict
+    full: distill.Trainable
+    full_ema: distill.Trainable
+    examples: dict
+    key: jax.Array
+    batch_key: jax.Array
+
+
+def _nonzero_adapter(adapter: ControlNetModel, key, scale: float = 0.05) -> ControlNetModel:
+    """`adapter` perturbed, its zero convolutions and condition encoder's last convolution
+    (zero at initialisation) made clearly non-zero, so that the adapter and the condition
+    image visibly change F."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    adapter = perturb(adapter, k1, scale)
+    adapter = eqx.tree_at(lambda a: (a.controlnet_down_blocks, a.controlnet_mid_block), adapter,
+                          replace_fn=lambda c: perturb(c, k2, 0.3))
+    if adapter.controlnet_cond_embedding is not None:
+        adapter = eqx.tree_at(lambda a: a.controlnet_cond_embedding.conv_out, adapter,
+                              replace_fn=lambda c: perturb(c, k3, 0.3))
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def distinct() -> _Distinct:
+    """The pretrained UNet (in `Frozen`), per distill_type a fresh adapter and distinct
+    perturbed online / EMA adapters, full-CoDi online / EMA UNets, and one example; its key
+    draws t >= 2 k (so that s > 0 and every pass shows in the loss)."""
+    unet, _, _, sched = tiny_models()
+    null = jax.random.normal(jax.random.key(9), (8, UNET.cross_attention_dim[0]))
+    frozen = distill.make_frozen(unet, None, None, sched, null_embedding=null)
+    fresh, pe = {}, {}
+    for kind, channels in (("conditional", 3), ("unconditional", None)):
+        a = ControlNetModel.from_unet(unet, conditioning_channels=channels, key=jax.random.key(1))
+        fresh[kind] = a
+        pe[kind] = (distill.Trainable(_nonzero_adapter(a, jax.random.key(5))),
+                    distill.Trainable(_nonzero_adapter(a, jax.random.key(6))))
+    online_a, ema_a = pe["conditional"][0].adapter, pe["conditional"][1].adapter
+    full = distill.Trainable(online_a, perturb(unet, jax.random.key(7), 0.02))
+    full_ema = distill.Trainable(ema_a, perturb(unet, jax.random.key(8), 0.02))
+    ex = jax.tree.map(lambda a: jnp.asarray(a[0]), _batch(1, seed=3))
+    cfg, batch_key = _cfg(), jax.random.key(12)
+    key = next(k for k in (jax.random.key(100 + i) for i in range(100))
+               if int(distill.draw_example(k, batch_key, LATENT, T, cfg).t) >= 2 * (T // 5))
+    examples = {"conditional": ex,
+                "unconditional": {k: v for k, v in ex.items() if k != "conditioning_pixel_values"}}
+    return _Distinct(frozen, unet, fresh, pe, full, full_ema, examples, key, batch_key)
+
+
+def _forward(model: _Model, z, t, text, cond) -> np.ndarray:
+    """F(z, t) of `model` by direct calls of the modules (float64)."""
+    z = jnp.asarray(z, jnp.float32)
+    down = mid = None
+    if model.adapter is not None:
+        c = None if cond is None else (jnp.zeros_like(cond) if model.blank_cond else cond)
+        down, mid = model.adapter(z, t, text, c)
+    out = model.unet(z, t, text, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid)
+    return np.asarray(out, np.float64)
+
+
+def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, target: _Model,
+             online: _Model) -> dict:
+    """Steps 1-7 of codi-algorithm.md, each pass by `_forward` of the model the test names."""
+    alpha_sigma = _np_schedule()
+    t, s, w = int(d.t), int(d.s), float(d.w)
+    mean, logvar = np.asarray(ex["latent_mean"], np.float64), np.asarray(ex["latent_logvar"], np.float64)
+    x0 = (mean + np.exp(0.5 * logvar) * np.asarray(d.posterior_noise)) * float(ex["scaling_factor"])
+    eps = np.asarray(d.noise, np.float64)
+    (a_t, s_t), (a_s, s_s) = alpha_sigma(t), alpha_sigma(s)
+    z_t = a_t * x0 + s_t * eps
+    text = ex["text_embeddings"]
+    cond = ex.get("conditioning_pixel_values") if cfg.distill_type == "conditional" else None
+
+    def F(model, z, tt, guided):
+        f_txt = _forward(model, z, tt, text, cond)
+        if not guided:
+            return f_txt
+        f_null = _forward(model, z, tt, null, cond)
+        return f_null + w * (f_txt - f_null)
+
+    ptype, tau = cfg.prediction_type, cfg.distill_timestep_scaling
+    x_hat, eps_hat = _convert(F(teacher, z_t, t, cfg.onestepode_cfg), z_t, a_t, s_t, ptype)
+    z_s = a_s * x_hat + s_s * (eps if cfg.onestepode_true_noise else eps_hat)
+    xt, et = _convert(F(target, z_s, s, cfg.cfg_aware_distill), z_s, a_s, s_s, ptype)
+    xo, eo = _convert(F(online, z_t, t, cfg.cfg_aware_distill), z_t, a_t, s_t, ptype)
+    if cfg.distill_loss == "consistency_x":
+        cons = np.mean((_f(z_t, xo, t, tau) - _f(z_s, xt, s, tau)) ** 2)
+    else:
+        cons = np.mean((_f(z_t, eo, t, tau) - _f(z_s, et, s, tau)) ** 2)
+    if cfg.snr_gamma is not None:
+        snr = a_t**2 / s_t**2
+        cons = cons * min(snr, cfg.snr_gamma) / snr
+    reg = np.mean((_f(z_t, xo, t, tau) - x0) ** 2)
+    return {"loss": cons + cfg.x0_regularizer_weight * reg, "loss_consistency": cons,
+            "loss_regularizer": reg, "z_t": z_t, "z_s": z_s}
+
+
+def _ours(cfg, params, ema, frozen, ex, key, batch_key) -> dict:
+    """The library's loss of one example and its terms, as floats."""
+    loss, aux = distill.example_loss(params, ema, frozen, ex, key, batch_key, cfg, LATENT)
+    return {"loss": float(loss), **{k: float(v) for k, v in aux.items()}}
+
+
+def _case(m: _Distinct, cfg: distill.DistillConfig):
+    """(params, ema, example, models) for `cfg`; models names each candidate model of a pass
+    as an (adapter, UNet) pair: the trained (`online`) and EMA (`target`) ones, the
+    pretrained UNet alone, the initial adapter (the original's teacher)."""
+    if cfg.full_codi:
+        params, ema = m.full, m.full_ema
+    else:
+        params, ema = m.pe[cfg.distill_type]
+
+    def unet_of(p):
+        return m.pretrained if p.unet is None else p.unet
+
+    models = {
+        "online": _Model(params.adapter, unet_of(params)),
+        "target": _Model(ema.adapter, unet_of(ema)),
+        "pretrained UNet alone": _Model(None, m.pretrained),
+        "initial adapter": _Model(m.fresh[cfg.distill_type], unet_of(params)),
+    }
+    if cfg.full_codi:
+        models["trained UNet alone"] = _Model(None, params.unet)
+    if cfg.distill_type == "conditional":
+        models["target, blank condition"] = _Model(ema.adapter, unet_of(ema), blank_cond=True)
+        models["online, blank condition"] = _Model(params.adapter, unet_of(params), blank_cond=True)
+    return params, ema, m.examples[cfg.distill_type], models
+
+
+def _spec_teacher(cfg: distill.DistillConfig) -> str:
+    """The one-step ODE's model as codi-algorithm.md (step 3) names it."""
+    if cfg.onestepode == "uncontrol":
+        return "pretrained UNet alone"
+    return cfg.onestepode_control_params
+
+
+def _check_against_hand(m: _Distinct, cfg: distill.DistillConfig, label: str = "") -> dict:
+    """Our loss of `m`'s example equals the transcription with the spec's models; returns
+    our terms."""
+    params, ema, ex, models = _case(m, cfg)
+    ours = _ours(cfg, params, ema, m.frozen, ex, m.key, m.batch_key)
+    d = distill.draw_example(m.key, m.batch_key, LATENT, T, cfg)
+    hand = _by_hand(cfg, ex, d, m.frozen.null_embedding, models[_spec_teacher(cfg)],
+                    models["target"], models["online"])
+    print(f"[distinct] {label}: t={int(d.t)} loss ours {ours['loss']:.6e} by hand {hand['loss']:.6e}")
+    for name in ("loss", "loss_consistency", "loss_regularizer"):
+        np.testing.assert_allclose(ours[name], hand[name], rtol=RTOL, err_msg=name)
+    return ours
+
+
+@pytest.mark.parametrize("distill_type", ["conditional", "unconditional"])
+@pytest.mark.parametrize("control_params", ["target", "online"])
+@pytest.mark.parametrize("onestepode", ["control", "uncontrol"])
+def test_loss_with_distinct_parameters_matches_the_formulas(distinct, onestepode, control_params,
+                                                            distill_type):
+    """Each pass uses the model the spec names; every other candidate teacher (the other
+    parameter choice, the UNet alone, the initial adapter, a blank condition image) gives a
+    different teacher output and (but the blank image) a different loss."""
+    cfg = _cfg(onestepode=onestepode, onestepode_control_params=control_params,
+               distill_type=distill_type)
+    ours = _check_against_hand(distinct, cfg, f"{onestepode}/{control_params}/{distill_type}")
+    _check_other_teachers_differ(distinct, cfg, ours)
+
+
+@pytest.mark.parametrize("onestepode,control_params",
+                         [("control", "target"), ("control", "online"), ("uncontrol", "target")])
+def test_full_codi_loss_with_distinct_parameters_matches_the_formulas(distinct, onestepode,
+                                                                      control_params):
+    """Full CoDi: online and target passes run the trained / EMA UNet with their adapter; the
+    `control` teacher is the EMA or trained pair, the `uncontrol` one the pretrained UNet
+    (not the trained UNet, as before)."""
+    cfg = _cfg(full_codi=True, onestepode=onestepode, onestepode_control_params=control_params)
+    ours = _check_against_hand(distinct, cfg, f"full/{onestepode}/{control_params}")
+    _check_other_teachers_differ(distinct, cfg, ours)
+
+
+def _check_other_teachers_differ(m: _Distinct, cfg: distill.DistillConfig, ours: dict) -> None:
+    """The library's teacher output is the spec's teacher's, and each other candidate's
+    differs; each other candidate also changes the loss (but a blank condition image, whose
+    effect through the short teacher step is below the tolerance: the teacher's output
+    catches that one)."""
+    assert not cfg.onestepode_cfg
+    params, ema, ex, models = _case(m, cfg)
+    d = distill.draw_example(m.key, m.batch_key, LATENT, T, cfg)
+    right = _spec_teacher(cfg)
+    hand = _by_hand(cfg, ex, d, m.frozen.null_embedding, models[right], models["target"],
+                    models["online"])
+    text, cond = ex["text_embeddings"], ex.get("conditioning_pixel_values")
+    z_t, t = hand["z_t"], int(d.t)
+    f = np.asarray(distill.teacher_output(params, ema, m.frozen, jnp.asarray(z_t, jnp.float32),
+                                          d.t, text, cond, cfg, d.w), np.float64)
+    f_right = _forward(models[right], z_t, t, text, cond)
+    np.testing.assert_allclose(f, f_right, rtol=RTOL, atol=RTOL * np.max(np.abs(f_right)))
+    # The initial adapter adds nothing: with the pretrained UNet it is the UNet alone.
+    same = {right} | ({"initial adapter"} if right == "pretrained UNet alone" and not cfg.full_codi else set())
+    for name, teacher in models.items():
+        if name in same:
+            continue
+        assert _rel(_forward(teacher, z_t, t, text, cond), f) > SENSITIVE, name
+        if "blank condition" in name:
+            continue
+        wrong = _by_hand(cfg, ex, d, m.frozen.null_embedding, teacher, models["target"], models["online"])
+        rel = abs(wrong["loss_consistency"] - ours["loss_consistency"]) / ours["loss_consistency"]
+        assert rel > SENSITIVE, f"teacher {name!r} gives the same loss as {right!r} ({rel:.1e})"
+
+
+def test_full_codi_uncontrol_teacher_is_the_frozen_pretrained_unet(distinct):
+    """Perturbing the trained (and EMA) UNet leaves the one-step teacher's output unchanged:
+    it is the pretrained UNet's; the old teacher (the trained UNet alone) moves with it."""
+    m = distinct
+    cfg = _cfg(full_codi=True, onestepode="uncontrol")
+    assert cfg.needs_frozen_unet and _cfg().needs_frozen_unet
+    assert not _cfg(full_codi=True).needs_frozen_unet
+    ex = m.examples["conditional"]
+    z = jax.random.normal(jax.random.key(3), LATENT)
+    t, w = jnp.asarray(600, jnp.int32), jnp.asarray(4.0)
+    text, cond = ex["text_embeddings"], ex["conditioning_pixel_values"]
+    moved = perturb(m.full, jax.random.key(13), 0.05), perturb(m.full_ema, jax.random.key(14), 0.05)
+    f = distill.teacher_output(m.full, m.full_ema, m.frozen, z, t, text, cond, cfg, w)
+    f_moved = distill.teacher_output(*moved, m.frozen, z, t, text, cond, cfg, w)
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(f_moved))
+    np.testing.assert_allclose(np.asarray(f), _forward(_Model(None, m.pretrained), z, t, text, None),
+                               rtol=1e-5, atol=1e-6)
+    old = [distill.model_output(p, m.frozen, z, t, text, cond, cfg, use_adapter=False)
+           for p in (m.full, moved[0])]
+    assert _rel(old[1], old[0]) > 1e-2, "the old teacher did not depend on the trained UNet"
+    no_unet = distill.make_frozen(None, None, None, m.frozen.schedule,
+                                  null_embedding=m.frozen.null_embedding)
+    with pytest.raises(ValueError, match="uncontrol"):
+        distill.teacher_output(m.full, m.full_ema, no_unet, z, t, text, cond, cfg, w)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"distill_loss": "consistency_epsilon"},
+        {"onestepode_true_noise": True},
+        {"onestepode_cfg": True},
+        {"cfg_aware_distill": True},
+        {"cfg_aware_distill": True, "onestepode_cfg": True, "onestepode_control_params": "online"},
+        {"distill_timestep_scaling": 0.002},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "sample", "onestepode": "uncontrol"},
+    ],
+    ids=["eps-loss", "true-noise", "ode-cfg", "cfg-aware", "cfg-aware-online-shared", "tau",
+         "v-prediction", "sample-uncontrol"],
+)
+def test_loss_option_changes_the_loss_as_the_formulas_say(distinct, options):
+    """Each option matches the transcription, and moves the loss away from the default's."""
+    cfg = _cfg(**options)
+    ours = _check_against_hand(distinct, cfg, str(options))
+    default = _check_against_hand(distinct, _cfg(
+        onestepode=cfg.onestepode, onestepode_control_params=cfg.onestepode_control_params), "default")
+    rel = abs(ours["loss"] - default["loss"]) / default["loss"]
+    assert rel > SENSITIVE, f"{options} left the loss unchanged ({rel:.1e})"
+
+
+def test_regularizer_weight_scales_exactly_the_regularizer(distinct):
+    """loss = consistency + weight * mean((online_x - x0)^2); weight 0 leaves the consistency
+    term alone, and the weight changes nothing else."""
+    m = distinct
+    params, ema = m.pe["conditional"]
+    ex = m.examples["conditional"]
+    terms = {wt: _ours(_cfg(x0_regularizer_weight=wt), params, ema, m.frozen, ex,
+                       m.key, m.batch_key) for wt in (0.0, 0.5, 1.0)}
+    assert terms[0.0]["loss"] == terms[0.0]["loss_consistency"]
+    assert terms[1.0]["loss_regularizer"] > SENSITIVE * terms[1.0]["loss"]
+    for wt, got in terms.items():
+        assert got["loss_consistency"] == terms[1.0]["loss_consistency"]
+        assert got["loss_regularizer"] == terms[1.0]["loss_regularizer"]
+        np.testing.assert_allclose(
+            got["loss"], got["loss_consistency"] + wt * got["loss_regularizer"], rtol=1e-6)
+    _check_against_hand(m, _cfg(x0_regularizer_weight=0.5), "regularizer 0.5")
+
+
+def test_snr_gamma_weights_the_consistency_by_min_snr_gamma_over_snr(distinct):
+    """At the example's t, gamma = snr_t / 2 halves the consistency term, gamma = 2 snr_t
+    leaves it; the regulariser is never weighted."""
+    m = distinct
+    params, ema = m.pe["conditional"]
+    ex = m.examples["conditional"]
+    d = distill.draw_example(m.key, m.batch_key, LATENT, T, _cfg())
+    a_t, s_t = _np_schedule()(int(d.t))
+    snr = float(a_t) ** 2 / float(s_t) ** 2
+    def run(gamma):
+        return _ours(_cfg(snr_gamma=gamma), params, ema, m.frozen, ex, m.key, m.batch_key)
+
+    plain, half, whole = run(None), run(snr / 2), run(2 * snr)
+    np.testing.assert_allclose(half["loss_consistency"], 0.5 * plain["loss_consistency"], rtol=1e-5)
+    assert whole["loss_consistency"] == plain["loss_consistency"]
+    for got in (half, whole):
+        assert got["loss_regularizer"] == plain["loss_regularizer"]
+        np.testing.assert_allclose(got["loss"], got["loss_consistency"] + got["loss_regularizer"],
+                                   rtol=1e-6)
+
+
+def test_shared_timestep_is_one_timestep_per_batch(distinct):
+    """With `shared_timestep` every example of a batch (its own key, one batch key) draws the
+    batch's t; without, the examples' t differ."""
+    m = distinct
+    keys = [jax.random.fold_in(m.key, i) for i in range(8)]
+    for shared in (False, True):
+        cfg = _cfg(shared_timestep=shared)
+        ts = {int(distill.draw_example(k, m.batch_key, LATENT, T, cfg).t) for k in keys}
+        assert (len(ts) == 1) == shared, (shared, ts)
+    params, ema = m.pe["conditional"]
+    cfg = _cfg(shared_timestep=True)
+    t_batch = int(distill.draw_example(m.key, m.batch_key, LATENT, T, cfg).t)
+    for k in keys[:2]:
+        got = _ours(cfg, params, ema, m.frozen, m.examples["conditional"], k, m.batch_key)
+        assert got["timestep"] == t_batch
+    _check_against_hand(m, cfg, "shared timestep")
+
+
+def test_ema_update_is_the_formula_exactly():
+    """theta_minus <- mu theta_minus + (1 - mu) theta on the inexact leaves (values exact in
+    binary, so the result is too); integer leaves stay the EMA's."""
+    ema = {"w": jnp.asarray([1.0, 2.0, -4.0, 0.5]), "b": jnp.asarray([[8.0]]),
+           "n": jnp.asarray([3], jnp.int32)}
+    params = {"w": jnp.asarray([0.0, 4.0, 8.0, -0.5]), "b": jnp.asarray([[0.25]]),
+              "n": jnp.asarray([7], jnp.int32)}
+    for mu in (0.75, 0.5, 0.0, 1.0):
+        out = distill.ema_update(ema, params, mu)
+        for name in ("w", "b"):
+            expected = mu * np.asarray(ema[name], np.float64) + (1 - mu) * np.asarray(params[name], np.float64)
+            assert out[name].dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(out[name], np.float64), expected)
+        np.testing.assert_array_equal(np.asarray(out["n"]), [3])
+
+
+def _bf16(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, tree)
+
+
+def test_full_codi_computes_in_the_mixed_precision_dtype_from_float32_masters(distinct):
+    """Full CoDi with `compute_dtype` bfloat16: the loss of the float32 masters is the loss of
+    a bfloat16 copy (and not the float32 loss); the step's convolutions, forward and
+    backward, all run in bfloat16, and the trained UNet and adapter, and their EMA, stay
+    float32 after a step."""
+    m = distinct
+    cfg32 = _cfg(full_codi=True, onestepode="uncontrol")
+    cfg16 = cfg32.replace(compute_dtype="bfloat16")
+    frozen16 = distill.make_frozen(_bf16(m.pretrained), None, None, m.frozen.schedule,
+                                   null_embedding=m.frozen.null_embedding)
+    ex = m.examples["conditional"]
+    # JAX's bf16 attention mixes bf16 and f32 internally: the library runs in standard mode.
+    with jax.numpy_dtype_promotion("standard"):
+        masters = _ours(cfg16, m.full, m.full_ema, frozen16, ex, m.key, m.batch_key)
+        copy = _ours(cfg32, _bf16(m.full), _bf16(m.full_ema), frozen16, ex, m.key, m.batch_key)
+    full32 = _ours(cfg32, m.full, m.full_ema, m.frozen, ex, m.key, m.batch_key)
+    print(f"[bf16] loss masters {masters['loss']:.6e} bf16 copy {copy['loss']:.6e} "
+          f"float32 {full32['loss']:.6e}")
+    np.testing.assert_allclose(masters["loss"], copy["loss"], rtol=1e-3)
+    rel = abs(masters["loss"] - full32["loss"]) / full32["loss"]
+    assert 1e-5 < rel < 5e-2, rel
+
+    # The step, as `codi train` builds it (UNet loaded in bf16, float32 masters), traced, not
+    # run (tests/test_distill.py::test_option_combinations_run runs full CoDi's step).
+    ocfg = distill.OptimConfig()
+    mesh = make_mesh(jax.devices()[:1])
+    state = distill.init_train_state(distill.Trainable(m.full.adapter, _bf16(m.full.unet)),
+                                     distill.make_optimizer(ocfg), key=jax.random.key(2))
+    step = distill.make_train_step(cfg16, mesh, lr_fn=distill.lr_schedule(ocfg))
+    args = replicate(frozen16, mesh), replicate(state, mesh), shard_batch(_batch(1, seed=3), mesh)
+    with jax.numpy_dtype_promotion("standard"):
+        convs = [line for line in step.lower(*args).as_text().splitlines()
+                 if "stablehlo.convolution" in line]
+        after, _ = eqx.filter_eval_shape(step, *args)
+    assert convs and all("bf16" in line and "f32" not in line for line in convs), (
+        "a convolution of the step (forward or backward) is not in bfloat16")
+    def floats(tree):
+        return [a.dtype for a in jax.tree.leaves(tree)
+                if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
+
+    n = len(floats(m.full))
+    for tree in (state.params, after.params, after.ema):
+        assert floats(tree) == [jnp.float32] * n

@@ -13,6 +13,7 @@ from ._discretisation import distill_timestep as distill_timestep
 from ._discretisation import distill_timesteps as distill_timesteps
 from ._parameterisation import add_noise as add_noise
 from ._parameterisation import canonical_prediction_type as canonical_prediction_type
+from ._parameterisation import check_epsilon_timesteps as check_epsilon_timesteps
 from ._parameterisation import from_x_eps as from_x_eps
 from ._parameterisation import resolve_prediction_type as resolve_prediction_type
 from ._parameterisation import to_x_eps as to_x_eps

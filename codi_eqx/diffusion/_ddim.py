@@ -62,6 +62,12 @@ def ddim_timesteps(
             f"unsupported timestep_spacing {spacing!r}; expected one of "
             + ", ".join(repr(s) for s in TIMESTEP_SPACINGS)
         )
+    if ts.size and (ts.max() >= n_train or ts.min() < 0):
+        raise ValueError(
+            f"{num_inference_steps} DDIM steps with timestep_spacing {spacing!r} and steps_offset "
+            f"{scheduler_config.get('steps_offset', 0)} reach timestep {int(ts.max())}, outside "
+            f"[0, {n_train - 1}]: use fewer steps"
+        )
     return ts.astype(np.int32)
 
 

@@ -187,3 +187,20 @@ def resolve_prediction_type(
     )
     return model
 
+
+
+def check_epsilon_timesteps(alphas_cumprod, timesteps, prediction_type: str) -> None:
+    """Raise `ValueError` when an epsilon-predicting model would be converted at a timestep
+    whose `alpha_t` is 0 (a zero-terminal-SNR schedule's last timestep): `x_hat = (z - sigma
+    F) / alpha` is undefined there (NaN), while v- and x-prediction are fine."""
+    if prediction_type != "epsilon":
+        return
+    abar = np.asarray(alphas_cumprod, np.float64)
+    bad = [int(t) for t in np.asarray(timesteps).reshape(-1) if 0 <= t < abar.size
+           and abar[int(t)] <= 0.0]
+    if bad:
+        raise ValueError(
+            f"timestep {bad[0]} has alpha_t = 0 (a zero-terminal-SNR schedule): epsilon "
+            "prediction cannot give x_0 there; use a v_prediction model, or avoid the last "
+            "timestep (trailing spacing with fewer steps)"
+        )

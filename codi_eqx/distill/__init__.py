@@ -7,6 +7,8 @@ from ._loss import diffusion_loss as diffusion_loss
 from ._loss import draw_example as draw_example
 from ._loss import example_loss as example_loss
 from ._loss import teacher_is_online as teacher_is_online
+from ._loss import teacher_output as teacher_output
+from ._loss import teacher_params as teacher_params
 from ._loss import guided_output as guided_output
 from ._loss import model_output as model_output
 from ._optim import lr_schedule as lr_schedule

@@ -23,6 +23,7 @@ _CHOICES = {
     "guidance_draw": ("per_example", "per_batch_integer"),
     "prediction_type": ("epsilon", "v_prediction", "sample"),
 }
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class DistillConfig:
     """`conditional`: the adapter takes a condition image; `unconditional`: none (text-to-image
     acceleration)."""
     onestepode: OneStepODE = "control"
-    """Model of the one-step ODE (teacher step): UNet + adapter, or the UNet alone."""
+    """Model of the one-step ODE (teacher step): UNet + adapter, or the pretrained UNet alone
+    (in full CoDi too: `Frozen.unet`)."""
     onestepode_control_params: ControlParams = "target"
     """Adapter parameters for a `control` teacher step: the current EMA (`target`) or the
     current trained ones without gradient (`online`)."""
@@ -73,12 +75,18 @@ class DistillConfig:
     """Multiplier of the adapter's residuals."""
     full_codi: bool = False
     """Train the UNet together with the adapter (full CoDi) instead of the adapter alone."""
+    compute_dtype: Optional[str] = None
+    """Dtype of the models' forward passes (`float32`, `bfloat16`, `float16`): the trained
+    float32 master weights, and the frozen UNet, are cast to it. None: the UNet's own dtype."""
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype={self.compute_dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
         if self.distill_guidance_min > self.distill_guidance_max:
             raise ValueError(
                 f"distill_guidance_min {self.distill_guidance_min} > distill_guidance_max "
@@ -100,6 +108,13 @@ class DistillConfig:
     @property
     def uses_guidance(self) -> bool:
         return self.cfg_aware_distill or self.onestepode_cfg
+
+    @property
+    def needs_frozen_unet(self) -> bool:
+        """Whether the step reads the pretrained UNet (`Frozen.unet`): always in PE-CoDi; in
+        full CoDi only as the `uncontrol` one-step teacher (the trained UNet is in the
+        parameters)."""
+        return not self.full_codi or self.onestepode == "uncontrol"
 
     def replace(self, **kwargs) -> "DistillConfig":
         return dataclasses.replace(self, **kwargs)

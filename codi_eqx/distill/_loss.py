@@ -29,12 +29,17 @@ def model_output(
     text: Float[Array, "seq d"], cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
     *, use_adapter: bool = True,
 ) -> Float[Array, "c h w"]:
-    """F(z, t): the UNet's raw output with the adapter's residuals added (`use_adapter`), in
-    float32. The UNet is the frozen one, or the trained one in full CoDi."""
+    """F(z, t): the UNet's raw output with the adapter's residuals added (`use_adapter`),
+    computed in `cfg.compute_dtype` (None: the UNet's dtype) from the weights as stored (the
+    float32 masters are cast), returned in float32. The UNet is the trained one in full CoDi
+    (`params.unet`), else the frozen one (`params` None: the frozen UNet alone)."""
     unet = frozen.unet if (params is None or params.unet is None) else params.unet
     if unet is None:
-        raise ValueError("no UNet: full CoDi needs params.unet")
-    dtype = unet.dtype
+        raise ValueError(
+            "no UNet: full CoDi needs params.unet, and Frozen.unet (the pretrained UNet) for "
+            "the onestepode='uncontrol' teacher")
+    dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype is not None else unet.dtype
+    unet = cast_floating(unet, dtype)
     down = mid = None
     if use_adapter:
         adapter = cast_floating(params.adapter, dtype)
@@ -163,6 +168,28 @@ def teacher_is_online(cfg: DistillConfig) -> bool:
             and cfg.onestepode_cfg == cfg.cfg_aware_distill)
 
 
+def teacher_params(params: Trainable, ema: Trainable, cfg: DistillConfig) -> Optional[Trainable]:
+    """The parameters of the one-step ODE's model (step 3): for `control`, the EMA
+    (`target`) or the trained (`online`) adapter, with the UNet they carry in full CoDi; for
+    `uncontrol`, None: the pretrained UNet alone (`Frozen.unet`), in full CoDi too."""
+    if cfg.onestepode == "uncontrol":
+        return None
+    return ema if cfg.onestepode_control_params == "target" else params
+
+
+def teacher_output(
+    params: Trainable, ema: Trainable, frozen: Frozen, z_t: Float[Array, "c h w"], t,
+    text: Float[Array, "seq d"], cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
+    w: Float[Array, ""],
+) -> Float[Array, "c h w"]:
+    """F_teacher(z_t, t) of the one-step ODE, without gradient; guided at scale `w` with
+    `onestepode_cfg`."""
+    teacher = jax.lax.stop_gradient(teacher_params(params, ema, cfg))
+    f = guided_output(teacher, frozen, z_t, t, text, cond, cfg,
+                      w if cfg.onestepode_cfg else None, use_adapter=cfg.onestepode == "control")
+    return jax.lax.stop_gradient(f)
+
+
 def example_loss(
     params: Trainable, ema: Trainable, frozen: Frozen, example: dict, key: PRNGKeyArray,
     batch_key: PRNGKeyArray, cfg: DistillConfig, latent_shape: tuple[int, ...],
@@ -206,15 +233,7 @@ def example_loss(
     if share_passes and teacher_is_online(cfg):
         f_teacher = jax.lax.stop_gradient(f_online)
     else:
-        if cfg.onestepode == "control":
-            teacher = ema if cfg.onestepode_control_params == "target" else params
-        else:
-            teacher = params if params.unet is not None else None
-        teacher = jax.lax.stop_gradient(teacher)
-        f_teacher = guided_output(
-            teacher, frozen, z_t, t, text, cond, cfg, draws.w if cfg.onestepode_cfg else None,
-            use_adapter=cfg.onestepode == "control",
-        )
+        f_teacher = teacher_output(params, ema, frozen, z_t, t, text, cond, cfg, draws.w)
     x_hat, eps_hat = to_x_eps(f_teacher, z_t, a_t, s_t, ptype)
     z_s = jax.lax.stop_gradient(a_s * x_hat + s_s * (draws.noise if cfg.onestepode_true_noise else eps_hat))
 

@@ -22,8 +22,10 @@ class Trainable(eqx.Module):
 
 
 class Frozen(eqx.Module):
-    """What the step reads but never changes. `unet` is None in full CoDi (it is trained);
-    `vae` / `text_encoder` may be None when the batches carry cached latents / embeddings."""
+    """What the step reads but never changes. `unet` is the pretrained UNet: PE-CoDi's, and
+    full CoDi's `uncontrol` one-step teacher (None in full CoDi otherwise: the trained UNet
+    is in `Trainable`); `vae` / `text_encoder` may be None when the batches carry cached
+    latents / embeddings."""
 
     unet: Optional[UNet2DConditionModel]
     vae: Optional[AutoencoderKL]

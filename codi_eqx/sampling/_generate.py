@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int, UInt8
 from .._adapter_settings import AdapterSettings
 from ..diffusion import (
     NoiseSchedule,
+    check_epsilon_timesteps,
     codi_sampling_timesteps,
     ddim_previous_timesteps,
     ddim_step,
@@ -52,18 +53,22 @@ class SamplerSpec:
 
 def sampler_timesteps(
     sampler: str, steps: int, schedule: NoiseSchedule, scheduler_config: dict,
-    distill_learning_steps: int = 50,
+    distill_learning_steps: int = 50, prediction_type: Optional[str] = None,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The timesteps (and, for DDIM, the previous timesteps) of a run.
 
     **Returns:** `(timesteps, prev_timesteps)` as tuples of ints (`prev` empty for CoDi).
-    Raises `ValueError` for a step count outside the sampler's range.
+    Raises `ValueError` for a step count outside the sampler's range, and for an epsilon
+    model at a timestep with alpha_t = 0 (`prediction_type`, default the schedule's).
     """
+    prediction_type = prediction_type or schedule.prediction_type
     if sampler == "codi":
         ts = codi_sampling_timesteps(schedule.num_train_timesteps, distill_learning_steps, steps)
+        check_epsilon_timesteps(schedule.alphas_cumprod, ts, prediction_type)
         return tuple(int(t) for t in ts), ()
     if sampler == "ddim":
         ts = ddim_timesteps(steps, scheduler_config)
+        check_epsilon_timesteps(schedule.alphas_cumprod, ts, prediction_type)
         prev = ddim_previous_timesteps(ts, schedule.num_train_timesteps)
         return tuple(int(t) for t in ts), tuple(int(p) for p in prev)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
@@ -336,7 +341,8 @@ def generate(
         raise ValueError(f"image size {height}x{width} is not divisible by the VAE factor {factor}")
 
     timesteps, prev = sampler_timesteps(
-        sampler, steps, pipe.schedule, pipe.scheduler_config, opts.distill_learning_steps
+        sampler, steps, pipe.schedule, pipe.scheduler_config, opts.distill_learning_steps,
+        opts.prediction_type,
     )
     spec = SamplerSpec(
         sampler=sampler, timesteps=timesteps, prev_timesteps=prev,

@@ -38,9 +38,20 @@ def builtin_adapter(kind: str = "edges") -> Path:
 TOY_TRAIN_DEFAULTS = dict(
     resolution=64, train_batch_size=8, learning_rate=1e-4, max_train_steps=400,
     ema_decay=0.95, checkpointing_steps=400, validation_steps=400, num_validation_images=2,
+    onestepode_cfg=True, distill_guidance_min=4.0, distill_guidance_max=4.0,
 )
 """`codi train`'s defaults when it distils the built-in teacher (no model and no data
-given): the seed's defaults are for Stable Diffusion at 512x512."""
+given): the seed's defaults are for Stable Diffusion at 512x512. The teacher's one-step ODE
+is guided at w = 4 (`onestepode_cfg`), so that the student follows the guided teacher in a
+single pass per step (the unguided teacher follows its captions less well); give
+`--distill_guidance_min 1 --distill_guidance_max 1` for an unguided teacher step."""
+
+SHIPPED_RECIPES = {
+    "edges": dict(max_train_steps=1500),
+    "text": dict(max_train_steps=1500, distill_type="unconditional"),
+}
+"""How the shipped adapters were trained: `TOY_TRAIN_DEFAULTS` with these changes, e.g.
+`codi train --max_train_steps 1500 --output_dir edges` (seed 0)."""
 
 TOY_TRAIN_IMAGES = 2000
 """Scenes drawn for a default run (fresh for each seed)."""

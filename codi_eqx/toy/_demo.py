@@ -14,6 +14,11 @@ import numpy as np
 
 from . import _shapes
 
+TEACHER_GUIDANCE = 3.0
+"""The teacher's classifier-free guidance scale in the demo and the quality benchmark: its
+caption adherence at 50 DDIM steps is 0.47 at 3.0 against 0.28 at diffusers' 7.5 (32
+held-out captions)."""
+
 DEMO_PROMPTS = 8
 """Held-out scenes in the demo's grid (their captions and edge maps were never trained on)."""
 
@@ -77,8 +82,8 @@ def run_demo(out: str | Path, *, max_train_steps: Optional[int] = None, steps: i
                     sampler="codi", settings=adapter_settings(run), seed=seed)
     codi_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher = generate(pipe, None, captions, steps=50, sampler="ddim", guidance_scale=7.5,
-                       seed=seed)
+    teacher = generate(pipe, None, captions, steps=50, sampler="ddim",
+                       guidance_scale=TEACHER_GUIDANCE, seed=seed)
     ddim_seconds = time.perf_counter() - t0
     grid = upscale(image_grid(np.concatenate([edges, codi, teacher]), cols=len(captions)))
     scores = {"codi": judge(codi, captions, edges), "teacher_ddim50": judge(teacher, captions, edges)}

@@ -174,6 +174,7 @@ class TrainConfig:
             distill_learning_steps=self.distill_learning_steps,
             distill_timestep_scaling=self.distill_timestep_scaling,
             shared_timestep=self.shared_timestep, full_codi=self.full_codi,
+            compute_dtype=self.dtype_name,
         )
 
     def optim_config(self, global_batch: int, max_train_steps: int) -> OptimConfig:

@@ -125,6 +125,20 @@ def plan(config: TrainConfig) -> Plan:
             raise TrainConfigError(f"--onestepode_sample_eps: {e}") from None
     notes += [f"warning: --onestepode_sample_eps: {w.message} (--force_prediction_type)"
               for w in caught]
+    try:
+        import numpy as np
+
+        from ..diffusion import betas_from_config, check_epsilon_timesteps
+
+        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        abar = np.cumprod(1.0 - betas_from_config(sched))
+    except (OSError, json.JSONDecodeError, ValueError, KeyError):
+        abar = None
+    if abar is not None:
+        try:  # the grid's top timestep is T - 1 (the controlnet objective draws all of them)
+            check_epsilon_timesteps(abar, [abar.size - 1], prediction_type)
+        except ValueError as e:
+            raise TrainConfigError(f"the model's noise schedule: {e}") from None
     if config.resolution % factor:
         lo = config.resolution // factor * factor
         raise TrainConfigError(
@@ -506,9 +520,11 @@ def train(config: TrainConfig, *, progress: Any = None,
     adapter = ControlNetModel.from_unet(
         pipe.unet, conditioning_channels=3 if config.distill_type == "conditional" else None,
         vae_scale_factor=pipe.vae_scale_factor, key=adapter_key)
+    # Full CoDi trains a float32 copy of the UNet (`init_train_state`); the pretrained one
+    # stays in `Frozen` only where the step reads it (the `uncontrol` teacher).
     params = Trainable(adapter, unet=pipe.unet if config.full_codi else None)
-    frozen = make_frozen(None if config.full_codi else pipe.unet, pipe.vae, pipe.text_encoder,
-                         pipe.schedule, null_input_ids=pipe.tokenize([""])[0])
+    frozen = make_frozen(pipe.unet if distill_cfg.needs_frozen_unet else None, pipe.vae,
+                         pipe.text_encoder, pipe.schedule, null_input_ids=pipe.tokenize([""])[0])
     if cache is not None:
         # The step reads cached latents / embeddings: it never sees the encoders.
         frozen = make_frozen(frozen.unet, None, None, frozen.schedule,
