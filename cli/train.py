@@ -122,8 +122,9 @@ def train(
     seed: Annotated[int, _opt(
         "seed", "Seed of the initialisation, data order and noise.", _OPTIM)] = 0,
     mixed_precision: Annotated[str, _opt(
-        "mixed_precision", "Dtype of the frozen models: no (float32), bf16, fp16; trained "
-        "weights stay float32.", _OPTIM)] = "no",
+        "mixed_precision", "Compute dtype: no (float32), bf16, fp16. The frozen models are "
+        "held in it; trained weights stay float32 masters, cast to it for the forward pass "
+        "(the UNet too in full CoDi).", _OPTIM)] = "no",
     gradient_checkpointing: Annotated[bool, _opt(
         "gradient_checkpointing", "Rematerialise the UNet's blocks in the backward pass.",
         _OPTIM)] = False,
