@@ -344,7 +344,8 @@ def test_original_controlnet_inferred_config(models, tmp_path):
     """An original ControlNet without this project's metadata: config read off the shapes."""
     unet, vae, text = _sd_conventions("sd1")
     adapter = randomized(ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(8, 16), key=jax.random.key(9)), 10)
+        unet, conditioning_embedding_out_channels=(8, 16), vae_scale_factor=2,
+        key=jax.random.key(9)), 10)
     src = tmp_path / "control_sd15_tiny.safetensors"
     save_file(sf.controlnet_to_original(adapter), src)
     out = tmp_path / "adapter"
