@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from codi_eqx.train._config import TrainConfig
-from codi_eqx.train._loop import _Metrics
+from codi_eqx.train._metrics import Metrics as _Metrics
 
 
 def test_tensorboard_writes_events(tmp_path, monkeypatch):

@@ -150,7 +150,7 @@ def test_cached_form_matches_what_the_step_would_encode(env):
     from codi_eqx import load_pipeline
     from codi_eqx.distill import make_frozen
     from codi_eqx.distill._loss import example_latents, example_text
-    from codi_eqx.train._loop import _Encoders
+    from codi_eqx.train._batches import Encoders as _Encoders
 
     _, model, _, _ = env
     pipe = load_pipeline(model)

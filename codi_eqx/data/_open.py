@@ -49,12 +49,12 @@ class DataConfig:
 
     def __post_init__(self):
         if self.resolution <= 0:
-            raise DataError(f"--resolution must be positive (got {self.resolution})")
+            raise DataError(f"resolution must be positive (got {self.resolution})")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise DataError("--proportion_empty_prompts must be in [0, 1] "
+            raise DataError("proportion_empty_prompts must be in [0, 1] "
                             f"(got {self.proportion_empty_prompts})")
         if self.max_train_samples is not None and self.max_train_samples <= 0:
-            raise DataError(f"--max_train_samples must be positive (got {self.max_train_samples})")
+            raise DataError(f"max_train_samples must be positive (got {self.max_train_samples})")
 
 
 def _is_tar_pattern(s: str) -> bool:

@@ -7,7 +7,8 @@ from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
 from ._config import TrainConfig as TrainConfig
 from ._config import TrainConfigError as TrainConfigError
-from ._loop import Plan as Plan
+from ._loop import TrainHooks as TrainHooks
 from ._loop import TrainingError as TrainingError
-from ._loop import plan as plan
 from ._loop import train as train
+from ._plan import Plan as Plan
+from ._plan import plan as plan
