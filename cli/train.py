@@ -7,9 +7,11 @@ from __future__ import annotations
 import inspect
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from codi_eqx.train._config import PANEL_RUN, flag_spellings, training_options
 
 from ._common import (
     COMPILATION_CACHE_DIR_HELP,
@@ -27,38 +29,30 @@ _CACHE = "Compilation cache"
 _MULTI_HOST = "Multi-host"
 
 
-def _flags(name: str, *aliases: str) -> list[str]:
-    names = [f"--{name}"]
-    kebab = f"--{name.replace('_', '-')}"
-    if kebab != names[0]:
-        names.append(kebab)
-    return names + list(aliases)
-
-
 def _cli_only(
     dry_run: Annotated[bool, typer.Option(
-        *_flags("dry_run"), help="Check the flags, model folder and dataset, print the "
-        "resolved configuration as JSON, and stop.",
-        rich_help_panel="Logging, checkpoints, validation")] = False,
+        *flag_spellings("dry_run"), help="Check the flags, model folder and dataset, print "
+        "the resolved configuration as JSON, and stop.", rich_help_panel=PANEL_RUN)] = False,
     distributed: Annotated[bool, typer.Option(
-        *_flags("distributed"), help="Multi-host run: start jax.distributed with the cluster "
-        "detected from the environment (TPU pods, SLURM, ...). Each process reads its share of "
-        "every global batch; only process 0 writes.", rich_help_panel=_MULTI_HOST)] = False,
-    coordinator_address: Annotated[Optional[str], typer.Option(
-        *_flags("coordinator_address"), help="Multi-host run with an explicit coordinator "
-        "HOST:PORT (with --num_processes and --process_id).",
+        *flag_spellings("distributed"), help="Multi-host run: start jax.distributed with the "
+        "cluster detected from the environment (TPU pods, SLURM, ...). Each process reads its "
+        "share of every global batch; only process 0 writes.",
+        rich_help_panel=_MULTI_HOST)] = False,
+    coordinator_address: Annotated[str | None, typer.Option(
+        *flag_spellings("coordinator_address"), help="Multi-host run with an explicit "
+        "coordinator HOST:PORT (with --num_processes and --process_id).",
         rich_help_panel=_MULTI_HOST)] = None,
-    num_processes: Annotated[Optional[int], typer.Option(
-        *_flags("num_processes"), help="Number of processes of an explicit multi-host run.",
-        rich_help_panel=_MULTI_HOST, min=1)] = None,
-    process_id: Annotated[Optional[int], typer.Option(
-        *_flags("process_id"), help="This process's index in an explicit multi-host run.",
-        rich_help_panel=_MULTI_HOST, min=0)] = None,
-    compilation_cache_dir: Annotated[Optional[Path], typer.Option(
-        *_flags("compilation_cache_dir"), help=COMPILATION_CACHE_DIR_HELP,
+    num_processes: Annotated[int | None, typer.Option(
+        *flag_spellings("num_processes"), help="Number of processes of an explicit multi-host "
+        "run.", rich_help_panel=_MULTI_HOST, min=1)] = None,
+    process_id: Annotated[int | None, typer.Option(
+        *flag_spellings("process_id"), help="This process's index in an explicit multi-host "
+        "run.", rich_help_panel=_MULTI_HOST, min=0)] = None,
+    compilation_cache_dir: Annotated[Path | None, typer.Option(
+        *flag_spellings("compilation_cache_dir"), help=COMPILATION_CACHE_DIR_HELP,
         rich_help_panel=_CACHE)] = None,
     no_compilation_cache: Annotated[bool, typer.Option(
-        *_flags("no_compilation_cache"), help=NO_COMPILATION_CACHE_HELP,
+        *flag_spellings("no_compilation_cache"), help=NO_COMPILATION_CACHE_HELP,
         rich_help_panel=_CACHE)] = False,
 ) -> None:
     """The flags of `codi train` that are not training options (`TrainConfig` fields): how
@@ -89,8 +83,6 @@ def _option_parameter(opt) -> inspect.Parameter:
 def _signature() -> inspect.Signature:
     """`ctx`, every `TrainConfig` field (`training_options()`), then the flags of
     `_cli_only`."""
-    from codi_eqx.train._config import training_options
-
     ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                             annotation=typer.Context)
     cli_only = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)

@@ -5,7 +5,9 @@ Every run uses the same options (4 steps, constant learning rate), so that the c
 training step is shared by all of them (the loop caches it per option set)."""
 
 import json
+import os
 import shlex
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +45,39 @@ def base(model, data, out, *extra):
             "--checkpointing-steps", 2, "--distill_learning_steps", 10, *extra]
 
 
+def library_run(model, data, out, hooks, **options):
+    """The run of `base(model, data, out)` through the library's `train`, with `hooks`."""
+    from codi_eqx.train import TrainConfig
+    from codi_eqx.train import train as run
+
+    config = TrainConfig(pretrained_model_name_or_path=str(model), train_data_dir=str(data),
+                         output_dir=str(out), resolution=32, max_train_steps=4,
+                         checkpointing_steps=2, distill_learning_steps=10, **options)
+    return run(config, hooks=hooks)
+
+
+def signal_after(step, signum):
+    """Hooks that send the run `signum` after step `step`, as a user's Ctrl-C or kill would."""
+    from codi_eqx.train import TrainHooks
+
+    def after_step(s):
+        if s == step:
+            os.kill(os.getpid(), signum)
+
+    return TrainHooks(after_step=after_step)
+
+
 @pytest.fixture(scope="module")
 def runs(env):
-    """A: 4 steps uninterrupted, with validation images. B: the same run, SIGINT after step 2. C: B resumed to 4."""
+    """A: 4 steps uninterrupted, with validation images. B: the same run through the library,
+    SIGINT after step 2 (its summary). C: B resumed to 4."""
     root, model, data, _ = env
     a = invoke(*base(model, data, root / "A", "--validation_prompt", "a cat",
                      "--validation_image", data / "processed_images" / "image_0.png",
                      "--validation_steps", 4, "--num_validation_images", 2,
                      "--validation_inference_steps", 2))
-    b = invoke(*base(model, data, root / "B", "--debug_signal_at_step", 2))
+    b = library_run(model, data, root / "B", signal_after(2, signal.SIGINT))
+    b = dict(b, final_adapter=(root / "B" / "config.json").exists())
     c = invoke(*base(model, data, root / "B", "--resume_from_checkpoint", "latest"))
     return root, a, b, c
 
@@ -95,12 +121,14 @@ def test_end_to_end_run_writes_adapter_checkpoints_and_metrics(runs):
 
 
 def test_interrupt_checkpoints_and_resume_is_exact(runs):
-    from weights_conversion import load_adapter
     import jax
 
+    from weights_conversion import load_adapter
+
     root, a, b, c = runs
-    assert b.exit_code == 130, why(b)
-    assert "interrupted at step 2" in b.output
+    assert b["interrupted"] == signal.SIGINT and b["step"] == 2, b
+    assert b["checkpoint"] == str(root / "B" / "checkpoints" / "checkpoint-2")
+    assert not b["final_adapter"]  # no final adapter from an interrupted run
     assert c.exit_code == 0, why(c)
     a_ad, c_ad = load_adapter(root / "A"), load_adapter(root / "B")
     la, lc = jax.tree.leaves(a_ad), jax.tree.leaves(c_ad)
@@ -114,17 +142,25 @@ def test_interrupt_checkpoints_and_resume_is_exact(runs):
             assert ra[k] == rc[k], (k, ra["step"])
 
 
-def test_nan_guard_and_corrupt_images(env, runs):
+def test_nan_guard_and_corrupt_images(env, runs, capsys):
+    from codi_eqx.train import TrainHooks, TrainingError
+
     root, model, _, bad = env
     out = root / "D"
-    r = invoke(*base(model, bad, out, "--debug_nan_at_step", 3))
-    assert r.exit_code == 1, why(r)
-    err = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "non-finite loss at step 3" in err[0]
-    assert "checkpoint-2" in err[0]
+
+    def nan_at_step_3(step, batch):
+        if step != 3:
+            return batch
+        return {**batch, "pixel_values": batch["pixel_values"] * np.float32("nan")}
+
+    with pytest.raises(TrainingError) as e:
+        library_run(model, bad, out, TrainHooks(on_batch=nan_at_step_3))
+    message = str(e.value)
+    assert "non-finite loss at step 3" in message and "\n" not in message
+    assert "checkpoint-2" in message
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (out / "config.json").exists()  # no final adapter from a failed run
-    assert "skipped 1 unreadable image" in r.output
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
     assert rows(out)[-1]["skipped_images"] == 1
     strict = invoke(*base(model, bad, root / "E", "--strict"))
     assert strict.exit_code == 1 and "unreadable image" in strict.output, strict.output

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from test_data import make_seed_folder
-from test_train import invoke, rows, why
+from test_train import invoke, rows, signal_after, why
 from tiny_models import make_tiny_pipeline
 
 
@@ -62,13 +62,22 @@ def encoded(output: str) -> str:
 def cached(env):
     """Full CoDi with --cache_latents (8 examples: 2 steps of 4 per epoch).
     C1: fills the cache, checkpoints every step with --checkpoints_total_limit 2, gets SIGTERM
-    after step 3, and is resumed to step 4. C2: the same run uninterrupted, reading the cache.
+    after step 3 (the CLI's run of the library's `train`, given hooks that send it), and is
+    resumed to step 4. C2: the same run uninterrupted, reading the cache.
     C3: C2 with --gradient_checkpointing."""
+    import functools
+    import signal
+
+    import codi_eqx.train
+
     root, model, data, _ = env
     cache = root / "cache"
     opts = ("--full_codi", "--cache_latents", cache)
-    c1 = invoke(*args(model, data, root / "C1", *opts, "--checkpoints_total_limit", 2,
-                      "--debug_signal_at_step", 3, "--debug_signal", "SIGTERM", ckpt=1))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(codi_eqx.train, "train", functools.partial(
+            codi_eqx.train.train, hooks=signal_after(3, signal.SIGTERM)))
+        c1 = invoke(*args(model, data, root / "C1", *opts, "--checkpoints_total_limit", 2,
+                          ckpt=1))
     after_sigterm = sorted(p.name for p in (root / "C1" / "checkpoints").iterdir())
     final_after_sigterm = [n for n in ("unet", "config.json") if (root / "C1" / n).exists()]
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
@@ -249,7 +258,7 @@ def test_validation_image_missing_or_unreadable_is_a_usage_error(env, tmp_path):
         assert len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "out").exists()  # before any work
     r = invoke(*args(model, data, tmp_path / "out", "--validation_prompt", "a cat"))
-    assert r.exit_code == 2 and "needs --validation_image" in r.output, r.output
+    assert r.exit_code == 2 and "needs validation_image" in r.output, r.output
     r = invoke(*args(model, data, tmp_path / "out", "--validation_image",
                      data / "processed_images" / "image_0.png"))
-    assert r.exit_code == 2 and "needs --validation_prompt" in r.output, r.output
+    assert r.exit_code == 2 and "needs validation_prompt" in r.output, r.output

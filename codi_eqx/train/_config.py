@@ -357,7 +357,8 @@ def _choices(tp: Any) -> tuple | None:
     return typing.get_args(literals[0]) if len(literals) == 1 else None
 
 
-def _flags(name: str, aliases: tuple[str, ...]) -> tuple[str, ...]:
+def flag_spellings(name: str, aliases: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`--name`, its kebab-case twin, and each alias with its twin."""
     flags: list[str] = []
     for flag in (f"--{name}", *aliases):
         for spelling in (flag, "--" + flag[2:].replace("_", "-")):
@@ -379,7 +380,7 @@ def training_options() -> tuple[TrainOption, ...]:
             TrainOption(name=f.name, type=hints[f.name], default=f.default,
                         help=f.metadata["help"], panel=f.metadata["panel"],
                         choices=f.metadata["choices"] or _choices(hints[f.name]),
-                        flags=_flags(f.name, f.metadata["aliases"]))
+                        flags=flag_spellings(f.name, f.metadata["aliases"]))
             for f in dataclasses.fields(TrainConfig))
     return _OPTIONS
 
