@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Self
 
 
 class StopOnSignal:
@@ -17,7 +16,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self._old: dict = {}
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> StopOnSignal:  # noqa: PYI034 - a final class
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
