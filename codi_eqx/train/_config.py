@@ -9,6 +9,7 @@ are generated from the fields (`training_options()`), and the sub-configurations
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ PANEL_OPTIM = "Optimisation"
 PANEL_DISTILL = "Distillation"
 PANEL_RUN = "Logging, checkpoints, validation"
 
+# The sub-configurations' defaults: a field that fills one takes its default from there, so
+# that the library's configurations and `codi train` cannot disagree.
 _DISTILL = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 _OPTIM = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
 _DATA = {f.name: f.default for f in dataclasses.fields(DataConfig)}
@@ -367,22 +370,17 @@ def flag_spellings(name: str, aliases: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(flags)
 
 
-_OPTIONS: tuple[TrainOption, ...] = ()
-
-
+@functools.cache
 def training_options() -> tuple[TrainOption, ...]:
     """Every `TrainConfig` field as a `TrainOption`, in field order: what `codi train`'s flags
     are generated from."""
-    global _OPTIONS
-    if not _OPTIONS:
-        hints = typing.get_type_hints(TrainConfig)
-        _OPTIONS = tuple(
-            TrainOption(name=f.name, type=hints[f.name], default=f.default,
-                        help=f.metadata["help"], panel=f.metadata["panel"],
-                        choices=f.metadata["choices"] or _choices(hints[f.name]),
-                        flags=flag_spellings(f.name, f.metadata["aliases"]))
-            for f in dataclasses.fields(TrainConfig))
-    return _OPTIONS
+    hints = typing.get_type_hints(TrainConfig)
+    return tuple(
+        TrainOption(name=f.name, type=hints[f.name], default=f.default,
+                    help=f.metadata["help"], panel=f.metadata["panel"],
+                    choices=f.metadata["choices"] or _choices(hints[f.name]),
+                    flags=flag_spellings(f.name, f.metadata["aliases"]))
+        for f in dataclasses.fields(TrainConfig))
 
 
 # --- the sub-configurations, filled by field name -----------------------------------------------
