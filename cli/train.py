@@ -1,6 +1,8 @@
 """`codi train`: CoDi distillation of a Stable Diffusion model into a few-step conditional
 generator. The flags are the seed's (`train_codi_flax.py`), with underscores as in its README
-and kebab-case twins."""
+and kebab-case twins. Each training option is a `TrainConfig` field, where its type, default,
+help and panel are defined (`training_options()`); this module adds only the flags of how to
+run (`_cli_only`: a dry run, multi-host, the compilation cache)."""
 
 from __future__ import annotations
 
