@@ -2,6 +2,7 @@
 
 import shutil
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +48,9 @@ def test_load_adapter_and_save(model_dir, tmp_path):
     adapter = codi_eqx.ControlNetModel.from_unet(pipe.unet, key=jax.random.key(0))
     codi_eqx.save_adapter(adapter, tmp_path / "adapter")
     back = codi_eqx.load_adapter(tmp_path / "adapter")
-    np.testing.assert_array_equal(
-        np.asarray(back.controlnet_cond_embedding.conv_in.weight),
-        np.asarray(adapter.controlnet_cond_embedding.conv_in.weight),
-    )
+    # The whole tree: structure, static fields (config included), every array bit for bit.
+    assert eqx.tree_equal(back, adapter) is True
+    assert back.config == adapter.config
 
 
 def test_missing_parts_are_named(model_dir, tmp_path):
