@@ -49,7 +49,7 @@ def test_load_adapter_and_save(model_dir, tmp_path):
     codi_eqx.save_adapter(adapter, tmp_path / "adapter")
     back = codi_eqx.load_adapter(tmp_path / "adapter")
     # The whole tree: structure, static fields (config included), every array bit for bit.
-    assert eqx.tree_equal(back, adapter) is True
+    assert bool(eqx.tree_equal(back, adapter))
     assert back.config == adapter.config
 
 
