@@ -39,8 +39,15 @@ def test_load_pipeline_components(model_dir):
 
 def test_load_pipeline_bf16(model_dir):
     pipe = codi_eqx.load_pipeline(model_dir, dtype=jnp.bfloat16)
-    assert pipe.unet.conv_in.weight.dtype == jnp.bfloat16
-    assert pipe.vae.decoder.conv_out.weight.dtype == jnp.bfloat16
+    ref = codi_eqx.load_pipeline(model_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, fp32 = getattr(pipe, name), getattr(ref, name)
+        floats = jax.tree.leaves(eqx.filter(ours, eqx.is_inexact_array))
+        assert floats and {a.dtype for a in floats} == {jnp.dtype(jnp.bfloat16)}, name
+        # The fp32 weights rounded to bf16, nothing else changed (token ids etc. included).
+        want = jax.tree.map(
+            lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, fp32)
+        assert bool(eqx.tree_equal(ours, want)), name
 
 
 def test_load_adapter_and_save(model_dir, tmp_path):
