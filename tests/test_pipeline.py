@@ -5,7 +5,6 @@ import shutil
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import codi_eqx
