@@ -5,6 +5,7 @@ import shutil
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import codi_eqx
@@ -29,11 +30,33 @@ def test_load_pipeline_components(model_dir):
     assert ids.shape == (2, 16) and ids.dtype == jnp.int32
     emb = jax.vmap(pipe.text_encoder)(ids)
     assert emb.shape == (2, 16, 32)
-    image = jnp.zeros((3, 64, 48), jnp.float32)
+    image = jax.random.uniform(jax.random.key(0), (3, 64, 48), jnp.float32, -1.0, 1.0)
     latents = pipe.vae.encode(image).mean
     assert latents.shape == (4, 8, 6)
     out = pipe.unet(latents, 10, emb[0])
-    assert out.shape == latents.shape and bool(jnp.all(jnp.isfinite(out)))
+    assert out.shape == latents.shape
+
+    # Each component computes what diffusers' / transformers' own does from the same folder.
+    import diffusers
+    import torch
+    import transformers
+
+    tok = transformers.CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    want_ids = tok(["a photo of a cat", ""], padding="max_length", max_length=16,
+                   truncation=True, return_tensors="np").input_ids
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    with torch.no_grad():
+        t_ids = torch.from_numpy(want_ids.astype(np.int64))
+        want_emb = transformers.CLIPTextModel.from_pretrained(
+            model_dir / "text_encoder").eval()(t_ids).last_hidden_state.numpy()
+        want_lat = diffusers.AutoencoderKL.from_pretrained(model_dir / "vae").eval().encode(
+            torch.from_numpy(np.asarray(image))[None]).latent_dist.mean[0].numpy()
+        want_out = diffusers.UNet2DConditionModel.from_pretrained(model_dir / "unet").eval()(
+            torch.from_numpy(want_lat)[None], 10, torch.from_numpy(want_emb[:1])).sample[0].numpy()
+    for name, ours, theirs in [("text_encoder", emb, want_emb), ("vae", latents, want_lat),
+                               ("unet", out, want_out)]:
+        err = np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max()
+        assert err <= 1e-4, (name, err)
 
 
 def test_load_pipeline_bf16(model_dir):
