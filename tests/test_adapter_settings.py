@@ -5,6 +5,7 @@ default to it, flags against it get a note, a forced prediction type reaches the
 import dataclasses
 import json
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from codi_eqx import (
 )
 from codi_eqx.diffusion import codi_sampling_timesteps
 from codi_eqx.sampling import contradictions, generate, sampler_timesteps, sampling_options
-from tiny_models import make_tiny_pipeline
+from jax_tiny import perturb
+from tiny_models import diffusers_controlnet_error, make_tiny_pipeline
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("sample")(sample)
@@ -46,10 +48,9 @@ def files(tmp_path_factory):
 
 
 def test_record_round_trips_and_the_folder_stays_a_controlnet(tmp_path):
-    import diffusers
-
     pipe = load_pipeline(make_tiny_pipeline(tmp_path / "model"))
     adapter = ControlNetModel.from_unet(pipe.unet, conditioning_channels=3, key=jax.random.key(1))
+    adapter = perturb(adapter, jax.random.key(2))  # non-zero residuals, so that outputs tell
     want = AdapterSettings(objective="controlnet", distill_learning_steps=20,
                            distill_timestep_scaling=5.0, prediction_type="sample",
                            prediction_type_forced=True, cfg_aware_distill=True,
@@ -59,14 +60,15 @@ def test_record_round_trips_and_the_folder_stays_a_controlnet(tmp_path):
     assert adapter_settings(tmp_path / "a") == want
     record = json.loads((tmp_path / "a" / "config.json").read_text())[ADAPTER_SETTINGS_KEY]
     assert record["version"] == 1 and record["distill_learning_steps"] == 20
-    assert isinstance(load_adapter(tmp_path / "a"), ControlNetModel)
-    diffusers.ControlNetModel.from_pretrained(tmp_path / "a")  # "_" keys are ignored
+    assert bool(eqx.tree_equal(load_adapter(tmp_path / "a"), adapter))
+    # diffusers ignores the "_" keys, and computes what the adapter computes.
+    assert diffusers_controlnet_error(adapter, tmp_path / "a") <= 1e-4
     # The export to diffusers carries the record, and diffusers loads it.
     r = CliRunner().invoke(app, ["convert-weights", str(tmp_path / "a"), str(tmp_path / "x"),
                                  "--to", "diffusers"])
     assert r.exit_code == 0, r.output
     assert adapter_settings(tmp_path / "x") == want
-    diffusers.ControlNetModel.from_pretrained(tmp_path / "x")
+    assert diffusers_controlnet_error(adapter, tmp_path / "x") <= 1e-4
     # No record: None; a broken one: a one-line error.
     save_adapter(adapter, tmp_path / "bare")
     assert adapter_settings(tmp_path / "bare") is None

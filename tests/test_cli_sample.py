@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cli.sample import sample
 from codi_eqx import ControlNetModel, load_pipeline, save_adapter
+from codi_eqx.sampling import generate
 from tiny_models import make_tiny_pipeline
 from weights_conversion import save_unet
 
@@ -55,6 +56,12 @@ def test_single_png_with_metadata(files, tmp_path):
     assert meta["prompt"] == "a cat" and meta["seed"] == "3" and meta["steps"] == "4"
     assert meta["sampler"] == "codi" and meta["guidance_scale"] == "1.0"
     assert meta["negative_prompt"] == "" and meta["model"] == str(files / "model")
+    # The file holds the library's image for these settings, pixel for pixel.
+    with Image.open(out) as im:
+        pixels = np.asarray(im)
+    want = generate(load_pipeline(files / "model"), None, "a cat", seed=3, steps=4,
+                    sampler="codi", guidance_scale=1.0)
+    np.testing.assert_array_equal(pixels, want[0])
 
 
 def test_grid_and_folder(files, tmp_path):

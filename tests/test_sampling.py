@@ -22,8 +22,13 @@ from tiny_models import SCHEDULER, make_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return load_pipeline(make_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+def pipe_folder(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_folder):
+    return load_pipeline(pipe_folder)
 
 
 def _spec_grid(T, N, steps):
@@ -175,14 +180,47 @@ def test_generate_sharded_equals_one_device(pipe):
     np.testing.assert_allclose(sharded.astype(int), single.astype(int), atol=1)
 
 
-def test_generate_ddim_with_guidance(pipe):
+def test_generate_ddim_with_guidance(pipe, pipe_folder):
+    """`generate`'s guided DDIM gives diffusers' StableDiffusionPipeline images (same model,
+    scheduler and initial noise) up to uint8 rounding, and the guidance visibly matters."""
+    import diffusers
+    import torch
+    import transformers
+
+    prompts = ["a cat", "a dog"]
     calls = []
     images = generate(
-        pipe, None, ["a cat", "a dog"], negative_prompt="blurry", sampler="ddim", steps=3,
+        pipe, None, prompts, negative_prompt="blurry", sampler="ddim", steps=3,
         guidance_scale=5.0, batch_size=1, progress=lambda d, n: calls.append((d, n)),
     )
-    assert images.shape == (2, 64, 64, 3)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
     assert calls == [(1, 2), (2, 2)]
+
+    folder = pipe_folder
+    ref = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    ref.set_progress_bar_config(disable=True)
+    # generate's documented initial noise: image i from fold_in(key(seed), i), seed 0.
+    z = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
+                                               (4, 8, 8), jnp.float32)) for i in range(2)])
+
+    def reference(w):
+        with torch.no_grad():
+            return ref(prompt=prompts, negative_prompt=["blurry"] * 2, num_inference_steps=3,
+                       guidance_scale=w, latents=torch.from_numpy(z), output_type="np",
+                       height=64, width=64).images
+
+    want = reference(5.0)
+    levels = np.abs(images.astype(np.float64) - 255.0 * want).max()
+    assert levels <= 1.0, f"{levels:.2f} uint8 levels from diffusers' guided DDIM"
+    # Unguided, the images are far from these: a wrong guidance could not pass.
+    assert np.abs(255.0 * reference(1.0) - images).max() > 20
 
 
 def test_generate_rejects_bad_input(pipe):

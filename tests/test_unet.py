@@ -1,6 +1,7 @@
 """UNet and adapter parity against diffusers (PyTorch, CPU) on tiny random configs."""
 
 import copy
+import dataclasses
 import json
 
 import equinox as eqx
@@ -11,7 +12,9 @@ import pytest
 import torch
 from diffusers import ControlNetModel as TorchControlNet
 
-from codi_eqx.models import ControlNetModel, UNet2DConditionModel
+from codi_eqx.models import ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel
+from codi_eqx.nn import Conv2d, Linear
+from jax_tiny import perturb
 from tiny_models import SD1_UNET, SD2_UNET, make_unet, randomize_
 from weights_conversion import (
     WeightsError,
@@ -160,12 +163,29 @@ def test_adapter_save_load_round_trip(family, tmp_path):
 
 
 def test_adapter_with_condition_loads_in_diffusers(family, tmp_path):
+    """An adapter saved by this project, loaded by diffusers' ControlNetModel, gives our
+    residuals (fp32 parity bound)."""
     _, cfg, _, folder = family
     unet = load_unet(folder)
     adapter = ControlNetModel.from_unet(unet, conditioning_channels=3, key=jax.random.key(0))
+    # Non-zero zero convs, so that every residual carries the weights through.
+    adapter = perturb(adapter, jax.random.key(4))
     save_adapter(adapter, tmp_path / "a")
-    tcn = TorchControlNet.from_pretrained(tmp_path / "a")
+    tcn = TorchControlNet.from_pretrained(tmp_path / "a").eval()
     assert tcn.config.conditioning_channels == 3
+    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=3)
+    with torch.no_grad():
+        down, mid = tcn(
+            torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
+            controlnet_cond=torch.from_numpy(cond), conditioning_scale=0.7, return_dict=False,
+        )
+    d_ours, m_ours = eqx.filter_jit(jax.vmap(
+        lambda x, ti, e, c: adapter(x, ti, e, c, conditioning_scale=0.7)
+    ))(jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond))
+    assert len(d_ours) == len(down)
+    errs = [_rel(a, b.numpy()) for a, b in zip(d_ours, down)] + [_rel(m_ours, mid.numpy())]
+    assert min(float(np.abs(b.numpy()).max()) for b in down) > 1e-3
+    assert max(errs) <= 1e-4, errs
 
 
 def test_unet_save_load_round_trip(family, tmp_path):
@@ -212,11 +232,12 @@ def test_fp16_variant_loads_into_float32(family, tmp_path):
     )
     assert (tmp_path / "u16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     unet = load_unet(tmp_path / "u16", dtype=jnp.float32)
-    assert unet.conv_in.weight.dtype == jnp.float32
+    assert {a.dtype for a in jax.tree.leaves(eqx.filter(unet, eqx.is_array))} == {jnp.dtype(jnp.float32)}
+    # Every weight is the fp32 one rounded to fp16 (as torch's .half() rounds), then widened.
     ref = load_unet(folder)
-    np.testing.assert_allclose(
-        np.asarray(unet.conv_in.weight), np.asarray(ref.conv_in.weight), rtol=1e-3, atol=1e-3
-    )
+    via16 = jax.tree.map(
+        lambda a: a.astype(jnp.float16).astype(jnp.float32) if eqx.is_inexact_array(a) else a, ref)
+    assert bool(eqx.tree_equal(unet, via16))
 
 
 def test_sharded_checkpoint_loads(family, tmp_path):
@@ -227,7 +248,86 @@ def test_sharded_checkpoint_loads(family, tmp_path):
 
 
 def test_unet_is_a_pytree_of_the_config(family):
-    _, _, _, folder = family
+    """The loaded UNet's tree is the one its config describes: block, resnet, transformer and
+    head counts, and every weight shape derived from the config's channels; a model built
+    from the same config has the same tree structure and leaf shapes, a changed config not."""
+    _, cfg, _, folder = family
     unet = load_unet(folder)
     assert isinstance(unet, UNet2DConditionModel)
-    assert unet.config.num_attention_heads[0] in (2, 4)
+    c = unet.config
+    assert c == UNet2DConditionConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    n = len(cfg["block_out_channels"])
+    assert c.block_out_channels == tuple(cfg["block_out_channels"])
+    heads = cfg["attention_head_dim"]  # SD 1.x / 2.x: diffusers' name for the head count
+    heads = tuple(heads) if isinstance(heads, list) else (heads,) * n
+    assert c.num_attention_heads == heads
+    cross = cfg["cross_attention_dim"]
+    layers = cfg["layers_per_block"]
+    tlayers = tuple(cfg.get("transformer_layers_per_block", [1] * n))
+    only_cross = cfg.get("only_cross_attention", False)
+    only_cross = tuple(only_cross) if isinstance(only_cross, list) else (only_cross,) * n
+    linear = cfg.get("use_linear_projection", False)
+    ch = cfg["block_out_channels"]
+    temb = 4 * ch[0]
+
+    def conv(m, cin, cout, k):
+        assert m.weight.shape == (k, k, cin, cout) and m.bias.shape == (cout,)
+
+    def resnet(r, cin, cout):
+        conv(r.conv1, cin, cout, 3)
+        conv(r.conv2, cout, cout, 3)
+        assert r.time_emb_proj.weight.shape == (cout, temb)
+        assert (r.conv_shortcut is None) == (cin == cout)
+
+    def transformer(t, c_, i):
+        assert len(t.transformer_blocks) == tlayers[i]
+        assert isinstance(t.proj_in, Linear if linear else Conv2d)
+        for b in t.transformer_blocks:
+            assert b.attn1.heads == b.attn2.heads == heads[i]
+            assert b.attn2.to_q.weight.shape == (c_, c_)
+            assert b.attn2.to_k.weight.shape == b.attn2.to_v.weight.shape == (c_, cross)
+            assert b.attn1.to_k.weight.shape == (c_, cross if only_cross[i] else c_)
+            assert b.only_cross_attention == only_cross[i]
+            assert b.ff.net[0].proj.weight.shape == (2 * 4 * c_, c_)  # GEGLU: value and gate
+
+    conv(unet.conv_in, cfg["in_channels"], ch[0], 3)
+    assert unet.time_embedding.linear_1.weight.shape == (temb, ch[0])
+    assert len(unet.down_blocks) == len(unet.up_blocks) == n
+    cin = ch[0]
+    for i, (block, kind) in enumerate(zip(unet.down_blocks, cfg["down_block_types"])):
+        assert len(block.resnets) == layers
+        assert len(block.attentions) == (layers if kind.startswith("CrossAttn") else 0)
+        for j, r in enumerate(block.resnets):
+            resnet(r, cin if j == 0 else ch[i], ch[i])
+        for t in block.attentions:
+            transformer(t, ch[i], i)
+        assert (block.downsamplers is None) == (i == n - 1)
+        cin = ch[i]
+    assert len(unet.mid_block.resnets) == 2 and len(unet.mid_block.attentions) == 1
+    transformer(unet.mid_block.attentions[0], ch[-1], n - 1)
+    rev = ch[::-1]
+    for i, (block, kind) in enumerate(zip(unet.up_blocks, cfg["up_block_types"])):
+        assert len(block.resnets) == layers + 1
+        assert len(block.attentions) == (layers + 1 if kind.startswith("CrossAttn") else 0)
+        for t in block.attentions:
+            transformer(t, rev[i], n - 1 - i)
+        assert block.resnets[0].conv1.weight.shape[3] == rev[i]
+        assert (block.upsamplers is None) == (i == n - 1)
+    conv(unet.conv_out, ch[0], cfg["out_channels"], 3)
+
+    def shapes(tree):
+        return [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]  # arrays or their shapes
+
+    # The tree (static fields included) is a function of the config alone.
+    fresh = eqx.filter_eval_shape(UNet2DConditionModel, c, key=jax.random.key(5))
+    assert jax.tree.structure(fresh) == jax.tree.structure(unet)
+    assert shapes(fresh) == shapes(unet)
+    other = eqx.filter_eval_shape(
+        UNet2DConditionModel, dataclasses.replace(c, upcast_attention=not c.upcast_attention),
+        key=jax.random.key(5))
+    assert jax.tree.structure(other) != jax.tree.structure(unet)
+    wider = eqx.filter_eval_shape(
+        UNet2DConditionModel,
+        dataclasses.replace(c, block_out_channels=tuple(2 * x for x in c.block_out_channels)),
+        key=jax.random.key(5))
+    assert shapes(wider) != shapes(unet)

@@ -150,3 +150,32 @@ def make_tiny_pipeline(folder: Path, *, prediction_type: str = "epsilon", seed: 
         "scheduler": ["diffusers", "DDIMScheduler"],
     }))
     return folder
+
+
+def diffusers_controlnet_error(adapter, folder: Path, *, seed: int = 0) -> float:
+    """Load `folder` with diffusers' `ControlNetModel` and run it and `adapter` (ours) on the
+    same seeded example (8x8 latents, a 64x64 condition image where the adapter takes one, at
+    timestep 321). Returns the largest error over the residuals, each relative to its size."""
+    import diffusers
+    import equinox as eqx
+    import jax.numpy as jnp
+    import torch
+
+    cfg = adapter.config.unet
+    ref = diffusers.ControlNetModel.from_pretrained(folder).eval()
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((cfg.in_channels, 8, 8)).astype(np.float32)
+    text = rng.standard_normal((5, cfg.cross_attention_dim[0])).astype(np.float32)
+    image = rng.uniform(size=(3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        down, mid = ref(torch.from_numpy(sample)[None], 321, torch.from_numpy(text)[None],
+                        torch.from_numpy(image)[None], return_dict=False)
+    with_cond = adapter.controlnet_cond_embedding is not None
+    ours_down, ours_mid = eqx.filter_jit(adapter)(
+        jnp.asarray(sample), 321, jnp.asarray(text), jnp.asarray(image) if with_cond else None)
+    theirs = [t[0].numpy() for t in (*down, mid)]
+    assert len(ours_down) + 1 == len(theirs)
+    return max(
+        float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-6))
+        for a, b in zip((*ours_down, ours_mid), theirs)
+    )

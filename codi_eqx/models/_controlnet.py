@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._typing import Timestep
 from ..nn import Conv2d
 from ._unet import (
     UNet2DConditionConfig,
@@ -250,7 +251,7 @@ class ControlNetModel(eqx.Module):
     def __call__(
         self,
         sample: Float[Array, "c h w"],
-        timestep: Union[Float[Array, ""], jax.Array, float, int],
+        timestep: Timestep,
         encoder_hidden_states: Float[Array, "seq d"],
         controlnet_cond: Optional[Float[Array, "cc H W"]] = None,
         *,

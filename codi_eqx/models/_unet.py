@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._typing import Timestep
 from ..nn import Conv2d, GroupNorm
 from ._unet_blocks import (
     DownBlock2D,
@@ -329,7 +330,7 @@ class UNet2DConditionModel(eqx.Module):
     def __call__(
         self,
         sample: Float[Array, "c h w"],
-        timestep: Union[Float[Array, ""], jax.Array, float, int],
+        timestep: Timestep,
         encoder_hidden_states: Float[Array, "seq d"],
         *,
         down_block_additional_residuals: Optional[Sequence[Float[Array, "..."]]] = None,

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._typing import Timestep
 from ..nn import Attention, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D
 from ..nn import Upsample2D
 
 
 def timestep_embedding(
-    timestep: Union[Float[Array, ""], jax.Array, float, int], dim: int, *,
+    timestep: Timestep, dim: int, *,
     flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0,
 ) -> Float[Array, " dim"]:
     """Sinusoidal embedding of one (possibly fractional) timestep, computed in float32.
