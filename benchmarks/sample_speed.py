@@ -58,7 +58,7 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
 def sd15_pipeline(tmp: Path) -> Pipeline:
     from transformers import CLIPTokenizer
 
-    from tiny_tokenizer import write_tiny_clip_tokenizer
+    from codi_eqx._tiny_tokenizer import write_tiny_clip_tokenizer
 
     write_tiny_clip_tokenizer(tmp / "tokenizer", model_max_length=77)
     ku, kt, kv = jax.random.split(jax.random.key(0), 3)
@@ -135,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="codi-bench-"))
     if args.model == "tiny":
-        from tiny_models import make_tiny_pipeline
+        from helpers import make_tiny_pipeline
 
         pipe = load_pipeline(make_tiny_pipeline(tmp / "tiny"))
         res = args.resolution or 64

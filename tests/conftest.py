@@ -1,19 +1,55 @@
 import gc
 import os
+import shutil
+import tempfile
 
 # Several simulated CPU devices for the data-parallel tests; must be set before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# CLI tests run in-process: no persistent compilation cache (tests/test_compilation_cache.py
-# turns it on for its own subprocesses).
-os.environ.setdefault("CODI_NO_COMPILATION_CACHE", "1")
+# One persistent compilation cache for the test session (one per process, so per xdist worker):
+# a program compiled again after a module released its executables, or by another module that
+# builds the same tiny model, is read back instead of compiled. The in-process CLI tests find
+# it through the commands' own default ($CODI_COMPILATION_CACHE_DIR);
+# tests/test_compilation_cache.py gives its subprocesses their own folders.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="codi-tests-jax-cache-")
+os.environ.pop("CODI_NO_COMPILATION_CACHE", None)
+os.environ["CODI_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _use_session_cache() -> None:
+    """Turn the session's cache (back) on, whatever an earlier in-process command
+    (`--no_compilation_cache`, another folder) left behind. codi_eqx is imported here, not at
+    the top: the jaxtyping import hook must be in place before the package is first imported."""
+    from codi_eqx._compilation_cache import enable_compilation_cache
+
+    os.environ["CODI_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ.pop("CODI_NO_COMPILATION_CACHE", None)
+    if (not jax.config.jax_enable_compilation_cache
+            or jax.config.jax_compilation_cache_dir != _SESSION_CACHE):
+        enable_compilation_cache(_SESSION_CACHE)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_compilation_cache():
+    _use_session_cache()  # before any module-scoped fixture compiles
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_per_test():
+    _use_session_cache()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +95,27 @@ def _release_compiled_code_when_many():
     yield
     if _mapping_count() > _MAPS_SOFT_LIMIT:
         _release()
+
+
+# Parametrised cases that run in the slow set only: a sibling case of the same test stays in
+# the default run and covers the same code (the default run is kept to a few minutes).
+_SLOW_CASES = {
+    "test_unet.py::test_fresh_adapter_leaves_unet_unchanged[sd1-3]",
+    "test_unet.py::test_fresh_adapter_leaves_unet_unchanged[sd1-None]",
+    "test_unet.py::test_fresh_adapter_leaves_unet_unchanged[sd2-None]",
+    "test_unet.py::test_unet_with_diffusers_controlnet[sd1-False]",
+    "test_unet.py::test_unet_with_diffusers_controlnet[sd2-True]",
+    "test_distill.py::test_fresh_adapter_loss_matches_the_formulas[v_prediction-options1]",
+    "test_distill.py::test_fresh_adapter_loss_matches_the_formulas[sample-options2]",
+    "test_distill.py::test_option_combinations_run[uncontrol-eps-snr]",
+    "test_distill.py::test_option_combinations_run[online-odecfg-truenoise]",
+    "test_distill.py::test_option_combinations_run[full-codi]",
+    "test_distill.py::test_option_combinations_run[bf16]",
+    "test_distill.py::test_teacher_pass_shared_with_online_equals_separate[True]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in _SLOW_CASES:
+            item.add_marker(pytest.mark.slow)

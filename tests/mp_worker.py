@@ -16,7 +16,7 @@ from codi_eqx.parallel import initialize_distributed  # noqa: E402
 def main(port: int, process_id: int) -> None:
     initialize_distributed(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
     sys.path.insert(0, os.path.dirname(__file__))
-    from mp_common import run_two_steps
+    from helpers import run_two_steps
 
     metrics = run_two_steps(share=(process_id * 2, process_id * 2 + 2))
     print("RESULT " + json.dumps({"process": process_id, "devices": jax.device_count(), "metrics": metrics}))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import typer
+from helpers import diffusers_controlnet_error, make_tiny_pipeline, perturb
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,8 +27,6 @@ from codi_eqx import (
 )
 from codi_eqx.diffusion import codi_sampling_timesteps
 from codi_eqx.sampling import contradictions, generate, sampler_timesteps, sampling_options
-from jax_tiny import perturb
-from tiny_models import diffusers_controlnet_error, make_tiny_pipeline
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("sample")(sample)

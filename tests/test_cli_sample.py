@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 import typer
+from helpers import make_tiny_pipeline
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.sample import sample
 from codi_eqx import ControlNetModel, load_pipeline, save_adapter
 from codi_eqx.sampling import generate
-from tiny_models import make_tiny_pipeline
 from weights_conversion import save_unet
 
 app = typer.Typer(pretty_exceptions_enable=False)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny_tokenizer import write_tiny_clip_tokenizer
 
+from codi_eqx._tiny_tokenizer import write_tiny_clip_tokenizer
 from codi_eqx.models import CLIPTextConfig, CLIPTextModel
 from weights_conversion import WeightsError, module_keys, read_tensors, save_file
 from weights_conversion.clip import CLIP_NAME_MAP, load_text_encoder, save_text_encoder

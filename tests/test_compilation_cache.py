@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import make_tiny_pipeline
 from PIL import Image
 
 from codi_eqx._compilation_cache import (
@@ -18,7 +19,6 @@ from codi_eqx._compilation_cache import (
     default_compilation_cache_dir,
     enable_compilation_cache,
 )
-from tiny_models import make_tiny_pipeline
 
 REPO = Path(__file__).parents[1]
 _ENV_NAMES = ("CODI_COMPILATION_CACHE_DIR", "CODI_NO_COMPILATION_CACHE",

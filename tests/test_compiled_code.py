@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import UNET, perturb, tiny_models
 
 from codi_eqx import distill
 from codi_eqx._hlo import convolutions, slow_convolutions
@@ -14,7 +15,6 @@ from codi_eqx.models import ControlNetModel
 from codi_eqx.parallel import make_mesh, replicate, shard_batch
 from codi_eqx.sampling import codi_sample
 from codi_eqx.sampling._generate import StepSpec, sampler_step_batch
-from jax_tiny import UNET, perturb, tiny_models
 
 # 8x8 latents: at 4x4 the tiny UNet's lowest level is 2x2, where XLA picks another layout
 # for a few weight gradients whatever the loop structure.
@@ -85,6 +85,7 @@ def accumulated(setup):
     return out
 
 
+@pytest.mark.slow
 def test_unrolled_accumulation_has_no_slow_convolution(accumulated):
     hlo = accumulated["unrolled"][0]
     assert len(convolutions(hlo)) > 200
@@ -99,6 +100,7 @@ def test_scan_accumulation_is_detected_as_slow(accumulated):
     assert len([c for c in convs if c.slow_on_cpu]) > 100
 
 
+@pytest.mark.slow
 def test_unrolled_accumulation_equals_scan(accumulated):
     (_, p_u, m_u), (_, p_s, m_s) = accumulated["unrolled"], accumulated["scan"]
     for k in ("loss", "grad_norm", "loss_consistency"):

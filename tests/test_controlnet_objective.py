@@ -10,22 +10,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    LATENT,
+    T,
+    distill_batch,
+    distill_setup,
+    invoke,
+    make_seed_folder,
+    make_tiny_pipeline,
+    np_schedule,
+    rows,
+    run_train_steps,
+    why,
+)
 
 from codi_eqx import AdapterSettings, adapter_settings, distill
 from codi_eqx.train import TrainConfig, TrainConfigError
-from test_data import make_seed_folder
-from test_distill import LATENT, T, _batch, _np_schedule, _run, _setup
-from test_train import invoke, rows, why
-from tiny_models import make_tiny_pipeline
 
 CN = dict(objective="controlnet")
 
 
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
 def test_diffusion_loss_matches_the_formula(ptype):
-    frozen, params = _setup(ptype)  # perturbed adapter: its residuals matter
+    frozen, params = distill_setup(ptype)  # perturbed adapter: its residuals matter
     cfg = distill.DistillConfig(prediction_type=ptype, **CN)
-    batch = jax.tree.map(jnp.asarray, _batch(2, seed=5))
+    batch = jax.tree.map(jnp.asarray, distill_batch(2, seed=5))
     key, batch_key = jax.random.key(31), jax.random.key(32)
 
     @eqx.filter_jit
@@ -43,7 +52,7 @@ def test_diffusion_loss_matches_the_formula(ptype):
         return unet(z, t, text, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid)
 
-    alpha_sigma = _np_schedule()
+    alpha_sigma = np_schedule()
     ts = []
     for i in range(2):
         ex = jax.tree.map(lambda a: a[i], batch)
@@ -67,10 +76,11 @@ def test_diffusion_loss_matches_the_formula(ptype):
     assert any(t % (T // 50) for t in ts) or ts[0] != ts[1]
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_adapter_only_and_the_step_keeps_the_ema():
-    frozen, params = _setup(perturbed=False)  # fresh adapter: zero convs at zero
+    frozen, params = distill_setup(perturbed=False)  # fresh adapter: zero convs at zero
     cfg = distill.DistillConfig(**CN)
-    batch = jax.tree.map(jnp.asarray, _batch(2, seed=6))
+    batch = jax.tree.map(jnp.asarray, distill_batch(2, seed=6))
     key, batch_key = jax.random.key(41), jax.random.key(42)
 
     def total(p):
@@ -86,7 +96,7 @@ def test_gradient_reaches_the_adapter_only_and_the_step_keeps_the_ema():
     assert float(jnp.abs(grads.adapter.controlnet_mid_block.weight).max()) > 0, \
         "no gradient reaches the adapter's zero convolutions"
 
-    state, hist, _ = _run(frozen, params, cfg, devices=1, steps=1, batches=[_batch(2, seed=6)],
+    state, hist, _ = run_train_steps(frozen, params, cfg, devices=1, steps=1, batches=[distill_batch(2, seed=6)],
                           ema_decay=0.5)
     assert set(hist[0]) == {"loss", "timestep", "grad_norm", "lr"}
     assert np.isfinite(hist[0]["loss"]) and hist[0]["grad_norm"] > 0
@@ -113,6 +123,7 @@ def test_codi_options_are_refused_with_controlnet():
                 onestepode_sample_eps="v_prediction", force_prediction_type=True)
 
 
+@pytest.mark.slow
 def test_cli_controlnet_run_writes_an_adapter_with_its_settings(tmp_path, monkeypatch):
     import codi_eqx.sampling._generate as gen
     from weights_conversion import load_adapter

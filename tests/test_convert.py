@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from cli.convert import convert_weights
 from codi_eqx import load_pipeline
-from codi_eqx.nn import Conv2d
 from codi_eqx.models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -28,17 +27,18 @@ from codi_eqx.models import (
     UNet2DConditionConfig,
     UNet2DConditionModel,
 )
+from codi_eqx.nn import Conv2d
 from weights_conversion import (
-    to_checkpoint_layout,
     SafetensorsFile,
     WeightsError,
     load_adapter,
-    load_unet,
     load_text_encoder,
+    load_unet,
     load_vae,
     module_keys,
     save_adapter,
     save_file,
+    to_checkpoint_layout,
 )
 from weights_conversion import single_file as sf
 
@@ -76,7 +76,7 @@ def no_leftovers(parent: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory) -> Path:
-    from tiny_models import make_tiny_pipeline
+    from helpers import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "model")
 
@@ -291,7 +291,9 @@ def test_single_file_inferred_config(family, tmp_path):
     with pytest.raises(WeightsError, match="no tokenizer/"):
         load_pipeline(out)
     assert json.loads((out / "unet" / "config.json").read_text())["use_linear_projection"] == (family == "sd2")
-    from weights_conversion import load_text_encoder as lt, load_unet as lu, load_vae as lv
+    from weights_conversion import load_text_encoder as lt
+    from weights_conversion import load_unet as lu
+    from weights_conversion import load_vae as lv
 
     assert same(lu(out / "unet"), unet)
     assert same(lv(out / "vae"), vae)
@@ -320,7 +322,7 @@ def test_pickle_needs_flag(single_files, models, pipe, tmp_path):
 
 @pytest.mark.parametrize("which", ["cond", "nocond"])
 def test_adapter_to_diffusers_matches(which, adapters, tmp_path):
-    from tiny_models import diffusers_controlnet_error
+    from helpers import diffusers_controlnet_error
 
     adapter = adapters[which]
     src = tmp_path / "adapter"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_seed_folder, png_bytes
 from PIL import Image
 
 from codi_eqx.data import (
@@ -23,30 +24,6 @@ from codi_eqx.data import (
 R = 16
 
 
-def _png(rng, w=40, h=24) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_seed_folder(root: Path, n: int = 12, *, foreign: bool = True, captions=None) -> Path:
-    """The seed's layout; with `foreign`, meta.jsonl holds absolute paths of another machine."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "processed_images").mkdir()
-    lines = []
-    for i in range(n):
-        (root / "images" / f"image_{i}.png").write_bytes(_png(rng))
-        (root / "processed_images" / f"image_{i}.png").write_bytes(_png(rng))
-        prefix = "/data/dataset/" if foreign else ""
-        caption = captions(i) if captions else f"caption {i}"
-        lines.append(json.dumps({"image": f"{prefix}images/image_{i}.png",
-                                 "conditioning_image": f"{prefix}processed_images/image_{i}.png",
-                                 "caption": caption}))
-    (root / "meta.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def make_shards(root: Path, n_shards: int = 3, per_shard: int = 4, cond: bool = True) -> str:
     rng = np.random.default_rng(1)
     root.mkdir(parents=True)
@@ -54,10 +31,10 @@ def make_shards(root: Path, n_shards: int = 3, per_shard: int = 4, cond: bool = 
         with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
             for j in range(per_shard):
                 key = f"{s:03d}{j:03d}"
-                files = {f"{key}.jpg": _png(rng), f"{key}.json": json.dumps(
+                files = {f"{key}.jpg": png_bytes(rng), f"{key}.json": json.dumps(
                     {"caption": f"shard {s} item {j}"}).encode()}
                 if cond:
-                    files[f"{key}.cond.png"] = _png(rng)
+                    files[f"{key}.cond.png"] = png_bytes(rng)
                 for name, data in files.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -130,8 +107,8 @@ def test_imagefolder_metadata(tmp_path):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(5):
-        (tmp_path / f"{i}.png").write_bytes(_png(rng))
-        (tmp_path / f"c{i}.png").write_bytes(_png(rng))
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(rng))
+        (tmp_path / f"c{i}.png").write_bytes(png_bytes(rng))
         rows.append({"file_name": f"{i}.png", "conditioning_image_file_name": f"c{i}.png",
                      "text": f"t{i}"})
     (tmp_path / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
@@ -178,7 +155,7 @@ def test_tar_missing_caption_column(tmp_path):
 def test_hf_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the [hf] extra is not installed")
     rng = np.random.default_rng(0)
-    imgs = [Image.open(io.BytesIO(_png(rng))) for _ in range(8)]
+    imgs = [Image.open(io.BytesIO(png_bytes(rng))) for _ in range(8)]
     ds = datasets.Dataset.from_dict(
         {"original_image": imgs[:4], "transformed_image": imgs[4:],
          "prompt": [["a", "b"], ["c"], ["d"], ["e"]]},
@@ -274,7 +251,7 @@ def test_resume_continues_exactly(seed_dir):
 def test_corrupt_image_skipped_counted_strict_fatal(tmp_path):
     root = make_seed_folder(tmp_path / "d", n=8, foreign=False)
     (root / "images" / "image_5.png").write_bytes(b"not a png")
-    (root / "processed_images" / "image_6.png").write_bytes(_png(np.random.default_rng(0))[:60])
+    (root / "processed_images" / "image_6.png").write_bytes(png_bytes(np.random.default_rng(0))[:60])
     skipped = []
     loader = _loader(root, num_epochs=1, on_skip=lambda name, msg: skipped.append(name))
     batches = list(loader)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ app.command("demo")(demo)
 app.command("other")(lambda: None)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo", str(out), "--max_train_steps", "2", "--steps", "1"])

@@ -9,48 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    LATENT,
+    UNET,
+    T,
+    distill_batch,
+    distill_setup,
+    np_schedule,
+    perturb,
+    run_train_steps,
+    tiny_models,
+)
 
 from codi_eqx import distill
 from codi_eqx.models import ControlNetModel
 from codi_eqx.parallel import make_mesh, replicate, shard_batch
-from jax_tiny import UNET, perturb, tiny_models
-
-T = 1000
-LATENT = (4, 4, 4)
-COND = (3, 32, 32)
-
-
-def _batch(n=4, seed=0, with_pixels=False):
-    rng = np.random.default_rng(seed)
-    b = {
-        "latent_mean": rng.standard_normal((n,) + LATENT).astype(np.float32),
-        "latent_logvar": rng.uniform(-4, -1, (n,) + LATENT).astype(np.float32),
-        "scaling_factor": np.full((n,), 0.18215, np.float32),
-        "text_embeddings": rng.standard_normal((n, 8, UNET.cross_attention_dim[0])).astype(np.float32),
-        "conditioning_pixel_values": rng.uniform(0, 1, (n,) + COND).astype(np.float32),
-    }
-    return b
-
-
-def _setup(prediction_type="epsilon", conditioning_channels=3, perturbed=True, full=False, dtype=jnp.float32):
-    unet, vae, text, sched = tiny_models(prediction_type=prediction_type)
-    adapter = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels, key=jax.random.key(1))
-    if perturbed:
-        adapter = perturb(adapter, jax.random.key(5), 0.02)
-    null = jax.random.normal(jax.random.key(9), (8, UNET.cross_attention_dim[0]))
-    cast = lambda m: jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, m)  # noqa: E731
-    frozen = distill.make_frozen(None if full else cast(unet), None, None, sched, null_embedding=null)
-    params = distill.Trainable(adapter, unet if full else None)
-    return frozen, params
-
 
 # ---------------------------------------------------------------- the loss, by hand
-
-
-def _np_schedule():
-    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), T, dtype=np.float64) ** 2
-    abar = np.cumprod(1 - betas).astype(np.float32)
-    return lambda t: (np.sqrt(abar[t]), np.sqrt(1 - abar[t]))
 
 
 def _convert(F, z, a, s, ptype):
@@ -77,9 +52,9 @@ def _f(z, x, t, tau=10.0, sd=0.5):
     ],
 )
 def test_fresh_adapter_loss_matches_the_formulas(ptype, options):
-    frozen, params = _setup(ptype, perturbed=False)
+    frozen, params = distill_setup(ptype, perturbed=False)
     cfg = distill.DistillConfig(prediction_type=ptype, **options)
-    batch = jax.tree.map(jnp.asarray, _batch(2, seed=3))
+    batch = jax.tree.map(jnp.asarray, distill_batch(2, seed=3))
     key, batch_key = jax.random.key(11), jax.random.key(12)
 
     @eqx.filter_jit
@@ -94,7 +69,7 @@ def test_fresh_adapter_loss_matches_the_formulas(ptype, options):
 
     # With the zero convolutions at zero, UNet + adapter is the UNet: evaluate the UNet alone.
     unet = eqx.filter_jit(lambda z, t, c: frozen.unet(z, t, c))
-    alpha_sigma = _np_schedule()
+    alpha_sigma = np_schedule()
     for i in range(2):
         ex = jax.tree.map(lambda a: a[i], batch)
         d = distill.draw_example(jax.random.fold_in(key, i), batch_key, LATENT, T, cfg)
@@ -140,34 +115,20 @@ def test_fresh_adapter_loss_matches_the_formulas(ptype, options):
 # ---------------------------------------------------------------- the step
 
 
-def _run(frozen, params, cfg, *, devices, accum=1, steps=2, lr=1e-3, batches=None, ema_decay=0.9):
-    ocfg = distill.OptimConfig(learning_rate=lr, ema_decay=ema_decay)
-    mesh = make_mesh(jax.devices()[:devices])
-    state = replicate(distill.init_train_state(params, distill.make_optimizer(ocfg), key=jax.random.key(2)), mesh)
-    frz = replicate(frozen, mesh)
-    step = distill.make_train_step(cfg, mesh, gradient_accumulation_steps=accum, ema_decay=ema_decay,
-                                   lr_fn=distill.lr_schedule(ocfg))
-    history = []
-    for i in range(steps):
-        batch = batches[i % len(batches)]
-        state, metrics = step(frz, state, shard_batch(batch, mesh))
-        history.append({k: float(v) for k, v in metrics.items()})
-    return state, history, step
-
-
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
+@pytest.mark.slow
 def test_devices_and_accumulation_match_one_device():
-    frozen, params = _setup()
+    frozen, params = distill_setup()
     cfg = distill.DistillConfig(cfg_aware_distill=True)
-    batches = [_batch(4, seed=0), _batch(4, seed=1)]
-    ref_state, ref, ref_step = _run(frozen, params, cfg, devices=1, batches=batches)
+    batches = [distill_batch(4, seed=0), distill_batch(4, seed=1)]
+    ref_state, ref, ref_step = run_train_steps(frozen, params, cfg, devices=1, batches=batches)
     assert ref_step.num_traces() == 1, "the step recompiled on new data"
     for devices, accum in ((4, 1), (1, 2)):
-        state, hist, step = _run(frozen, params, cfg, devices=devices, accum=accum, batches=batches)
+        state, hist, step = run_train_steps(frozen, params, cfg, devices=devices, accum=accum, batches=batches)
         assert step.num_traces() == 1
         for k, bound in (("loss", 1e-5), ("grad_norm", 1e-5), ("loss_consistency", 1e-4)):
             for a, b in zip(hist, ref):
@@ -186,10 +147,11 @@ def test_devices_and_accumulation_match_one_device():
         assert worst <= 1e-5
 
 
+@pytest.mark.slow
 def test_step_learns_on_a_fixed_batch():
-    frozen, params = _setup()
+    frozen, params = distill_setup()
     cfg = distill.DistillConfig()
-    batch = _batch(2, seed=4)
+    batch = distill_batch(2, seed=4)
     key, bkey = jax.random.key(21), jax.random.key(22)
 
     @eqx.filter_jit
@@ -203,7 +165,7 @@ def test_step_learns_on_a_fixed_batch():
         return jnp.mean(losses), jnp.mean(aux["loss_consistency"])
 
     before = evaluate(params, params)
-    state, hist, _ = _run(frozen, params, cfg, devices=1, steps=150, lr=3e-3, batches=[batch], ema_decay=0.5)
+    state, hist, _ = run_train_steps(frozen, params, cfg, devices=1, steps=150, lr=3e-3, batches=[batch], ema_decay=0.5)
     after = evaluate(state.params, state.ema)
     print(f"[learn] loss {float(before[0]):.4e} -> {float(after[0]):.4e}; consistency "
           f"{float(before[1]):.4e} -> {float(after[1]):.4e}; first/last logged loss "
@@ -230,18 +192,18 @@ def test_option_combinations_run(options):
     bf16 = options.pop("bf16", False)
     full = options.get("full_codi", False)
     channels = None if options.get("distill_type") == "unconditional" else 3
-    frozen, params = _setup(
+    frozen, params = distill_setup(
         options.get("prediction_type", "epsilon"), conditioning_channels=channels, full=full,
         dtype=jnp.bfloat16 if bf16 else jnp.float32,
     )
     cfg = distill.DistillConfig(**options)
-    batch = _batch(2)
+    batch = distill_batch(2)
     if channels is None:
         del batch["conditioning_pixel_values"]
     # The backward pass of jax.nn.dot_product_attention promotes bf16 with f32 internally,
     # which strict promotion (on for the tests) refuses; the library runs in standard mode.
     with jax.numpy_dtype_promotion("standard" if bf16 else "strict"):
-        state, hist, _ = _run(frozen, params, cfg, devices=1, batches=[batch], steps=1)
+        state, hist, _ = run_train_steps(frozen, params, cfg, devices=1, batches=[batch], steps=1)
     m = hist[0]
     assert all(np.isfinite(v) for v in m.values()), m
     if full:
@@ -264,12 +226,12 @@ def test_step_donates_the_state_only():
     """The state's buffers are recycled; the frozen weights and the batch stay valid, so a
     caller may reuse a batch (XLA would otherwise take a batch buffer for any output of the
     same shape, as it does for SD1.5-sized steps)."""
-    frozen, params = _setup()
+    frozen, params = distill_setup()
     ocfg = distill.OptimConfig()
     mesh = make_mesh(jax.devices()[:1])
     state = replicate(distill.init_train_state(params, distill.make_optimizer(ocfg), key=jax.random.key(2)), mesh)
     step = distill.make_train_step(distill.DistillConfig(), mesh, lr_fn=distill.lr_schedule(ocfg))
-    batch = shard_batch(_batch(4), mesh)
+    batch = shard_batch(distill_batch(4), mesh)
     with jax.numpy_dtype_promotion("standard"):
         text = step.lower(replicate(frozen, mesh), state, batch).as_text()
     [main] = [line for line in text.splitlines() if "func.func public @main" in line]
@@ -286,13 +248,13 @@ def test_step_donates_the_state_only():
 def test_teacher_pass_shared_with_online_equals_separate(guided):
     # With --onestepode_control_params online the teacher's pass is the online pass without
     # gradient; the step computes it once. Loss and gradient equal the two-pass computation.
-    frozen, params = _setup()
+    frozen, params = distill_setup()
     ema = perturb(params, jax.random.key(11), 0.01)  # distinct online and EMA parameters
     cfg = distill.DistillConfig(onestepode_control_params="online", cfg_aware_distill=guided,
                                 onestepode_cfg=guided)
     assert distill.teacher_is_online(cfg)
     assert not distill.teacher_is_online(distill.DistillConfig())
-    batch = {k: v[:2] for k, v in _batch(2, seed=4).items()}
+    batch = {k: v[:2] for k, v in distill_batch(2, seed=4).items()}
     key, batch_key = jax.random.key(3), jax.random.key(4)
 
     def total(p, share):
@@ -382,7 +344,7 @@ def distinct() -> _Distinct:
     online_a, ema_a = pe["conditional"][0].adapter, pe["conditional"][1].adapter
     full = distill.Trainable(online_a, perturb(unet, jax.random.key(7), 0.02))
     full_ema = distill.Trainable(ema_a, perturb(unet, jax.random.key(8), 0.02))
-    ex = jax.tree.map(lambda a: jnp.asarray(a[0]), _batch(1, seed=3))
+    ex = jax.tree.map(lambda a: jnp.asarray(a[0]), distill_batch(1, seed=3))
     cfg, batch_key = _cfg(), jax.random.key(12)
     key = next(k for k in (jax.random.key(100 + i) for i in range(100))
                if int(distill.draw_example(k, batch_key, LATENT, T, cfg).t) >= 2 * (T // 5))
@@ -406,7 +368,7 @@ def _forward(model: _Model, z, t, text, cond) -> np.ndarray:
 def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, target: _Model,
              online: _Model) -> dict:
     """Steps 1-7 of codi-algorithm.md, each pass by `_forward` of the model the test names."""
-    alpha_sigma = _np_schedule()
+    alpha_sigma = np_schedule()
     t, s, w = int(d.t), int(d.s), float(d.w)
     mean, logvar = np.asarray(ex["latent_mean"], np.float64), np.asarray(ex["latent_logvar"], np.float64)
     x0 = (mean + np.exp(0.5 * logvar) * np.asarray(d.posterior_noise)) * float(ex["scaling_factor"])
@@ -625,7 +587,7 @@ def test_snr_gamma_weights_the_consistency_by_min_snr_gamma_over_snr(distinct):
     params, ema = m.pe["conditional"]
     ex = m.examples["conditional"]
     d = distill.draw_example(m.key, m.batch_key, LATENT, T, _cfg())
-    a_t, s_t = _np_schedule()(int(d.t))
+    a_t, s_t = np_schedule()(int(d.t))
     snr = float(a_t) ** 2 / float(s_t) ** 2
     def run(gamma):
         return _ours(_cfg(snr_gamma=gamma), params, ema, m.frozen, ex, m.key, m.batch_key)
@@ -677,6 +639,7 @@ def _bf16(tree):
     return jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, tree)
 
 
+@pytest.mark.slow
 def test_full_codi_computes_in_the_mixed_precision_dtype_from_float32_masters(distinct):
     """Full CoDi with `compute_dtype` bfloat16: the loss of the float32 masters is the loss of
     a bfloat16 copy (and not the float32 loss); the step's convolutions, forward and
@@ -706,7 +669,7 @@ def test_full_codi_computes_in_the_mixed_precision_dtype_from_float32_masters(di
     state = distill.init_train_state(distill.Trainable(m.full.adapter, _bf16(m.full.unet)),
                                      distill.make_optimizer(ocfg), key=jax.random.key(2))
     step = distill.make_train_step(cfg16, mesh, lr_fn=distill.lr_schedule(ocfg))
-    args = replicate(frozen16, mesh), replicate(state, mesh), shard_batch(_batch(1, seed=3), mesh)
+    args = replicate(frozen16, mesh), replicate(state, mesh), shard_batch(distill_batch(1, seed=3), mesh)
     with jax.numpy_dtype_promotion("standard"):
         convs = [line for line in step.lower(*args).as_text().splitlines()
                  if "stablehlo.convolution" in line]

@@ -40,8 +40,9 @@ def test_ddim_timesteps_that_reach_T_are_an_error():
 def test_training_refuses_epsilon_on_a_zero_snr_schedule(tmp_path):
     import json
 
+    from helpers import make_tiny_pipeline
+
     from codi_eqx.train import TrainConfig, TrainConfigError, plan
-    from tiny_models import make_tiny_pipeline
 
     model = make_tiny_pipeline(tmp_path / "model")
     cfg_file = model / "scheduler" / "scheduler_config.json"

@@ -20,6 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one():
     if jax.device_count() < 4:
         pytest.skip("needs 4 simulated devices for the single-process reference")
@@ -30,7 +31,7 @@ def test_two_processes_match_one():
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
-    from mp_common import run_two_steps
+    from helpers import run_two_steps
 
     reference = run_two_steps()
     results = []

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import make_tiny_pipeline
 
 import codi_eqx
-from tiny_models import make_tiny_pipeline
 from weights_conversion import WeightsError
 
 

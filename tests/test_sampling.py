@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SCHEDULER, make_tiny_pipeline
 
 from codi_eqx import ControlNetModel, load_pipeline
 from codi_eqx.diffusion import NoiseSchedule, codi_sampling_timesteps
@@ -18,7 +19,6 @@ from codi_eqx.sampling import (
     guided_model_output,
     sampler_timesteps,
 )
-from tiny_models import SCHEDULER, make_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,7 @@ def test_guidance(pipe):
     assert float(jnp.abs(got - swapped).max()) > 0.1
 
 
+@pytest.mark.slow
 def test_generate_seed_and_batch_independence(pipe):
     three = generate(pipe, None, ["a red cube"], num_images_per_prompt=3, seed=7)
     assert three.shape == (3, 64, 64, 3) and three.dtype == np.uint8

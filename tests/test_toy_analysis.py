@@ -121,6 +121,7 @@ def test_frechet_distance():
         analysis.frechet_distance(a, b[:, :4])
 
 
+@pytest.mark.slow
 def test_feature_net_trains_saves_and_loads(tmp_path):
     seen = []
     net = analysis.train_feature_net(seed=0, steps=3, batch_size=8,

@@ -61,6 +61,7 @@ def test_teacher_matches_diffusers():
     assert ours.vae.scaling_factor == ref.vae.config.scaling_factor
 
 
+@pytest.mark.slow
 def test_edge_adapter_matches_diffusers_controlnet():
     import jax
     import jax.numpy as jnp

@@ -12,21 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
+from helpers import (
+    base,
+    invoke,
+    library_run,
+    make_seed_folder,
+    make_tiny_pipeline,
+    rows,
+    signal_after,
+    why,
+)
 from PIL import Image
-from typer.testing import CliRunner
-
-from cli.train import train
-from test_data import make_seed_folder
-from tiny_models import make_tiny_pipeline
-
-app = typer.Typer()
-app.command()(train)
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "240", "NO_COLOR": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +33,6 @@ def env(tmp_path_factory):
     bad = make_seed_folder(root / "bad", n=8)
     (bad / "images" / "image_5.png").write_bytes(b"not a png")
     return root, model, data, bad
-
-
-def base(model, data, out, *extra):
-    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data,
-            "--output_dir", out, "--resolution", 32, "--max_train_steps", 4,
-            "--checkpointing-steps", 2, "--distill_learning_steps", 10, *extra]
-
-
-def library_run(model, data, out, hooks, **options):
-    """The run of `base(model, data, out)` through the library's `train`, with `hooks`."""
-    from codi_eqx.train import TrainConfig
-    from codi_eqx.train import train as run
-
-    config = TrainConfig(pretrained_model_name_or_path=str(model), train_data_dir=str(data),
-                         output_dir=str(out), resolution=32, max_train_steps=4,
-                         checkpointing_steps=2, distill_learning_steps=10, **options)
-    return run(config, hooks=hooks)
-
-
-def signal_after(step, signum):
-    """Hooks that send the run `signum` after step `step`, as a user's Ctrl-C or kill would."""
-    from codi_eqx.train import TrainHooks
-
-    def after_step(s):
-        if s == step:
-            os.kill(os.getpid(), signum)
-
-    return TrainHooks(after_step=after_step)
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +48,6 @@ def runs(env):
     b = dict(b, final_adapter=(root / "B" / "config.json").exists())
     c = invoke(*base(model, data, root / "B", "--resume_from_checkpoint", "latest"))
     return root, a, b, c
-
-
-def why(r):
-    """The output of a CLI run, with the traceback of an unexpected exception."""
-    import traceback
-
-    if r.exc_info and not isinstance(r.exception, SystemExit):
-        return r.output + "".join(traceback.format_exception(*r.exc_info))
-    return r.output
-
-
-def rows(out):
-    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_end_to_end_run_writes_adapter_checkpoints_and_metrics(runs):
@@ -240,7 +195,6 @@ def test_bad_inputs_are_one_line_usage_errors(env, tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_the_uninterrupted_run(env, runs):
     """A run killed with SIGKILL after its first checkpoint resumes to the same adapter."""
-    import os
     import signal
     import subprocess
     import sys
@@ -289,7 +243,6 @@ def test_two_processes_train_like_one(env, runs):
     """`codi train --coordinator_address ... --num_processes 2 --process_id i`: 2 processes x 2
     simulated CPU devices log the losses of the single-process 4-device run A, and only
     process 0 writes."""
-    import os
     import subprocess
     import sys
 

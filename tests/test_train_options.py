@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import invoke, make_seed_folder, make_tiny_pipeline, rows, signal_after, why
 from PIL import Image
 
-from test_data import make_seed_folder
-from test_train import invoke, rows, signal_after, why
-from tiny_models import make_tiny_pipeline
+# Every test here trains (several option sets, one compile each): the slow set.
+pytestmark = pytest.mark.slow
 
 
 def args(model, data, out, *extra, steps=4, ckpt=2):

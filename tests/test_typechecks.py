@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import jaxtyping._decorator as jaxtyping_decorator
 import pytest
-from jax_tiny import SCHEDULER, tiny_models
+from helpers import SCHEDULE_CONFIG, tiny_models
 from jaxtyping import TypeCheckError
 
 from codi_eqx.diffusion import NoiseSchedule, add_noise, c_skip, to_x_eps
@@ -107,7 +107,7 @@ def test_diffusion_helpers_check_shapes():
 
 
 def test_samplers_check_shapes():
-    schedule = NoiseSchedule.from_config(SCHEDULER)
+    schedule = NoiseSchedule.from_config(SCHEDULE_CONFIG)
     z = jnp.ones((4, 3, 2))
     _ok_and_bad(
         lambda: codi_sample(lambda zi, t: 0.5 * zi, schedule, z, (500, 250)),

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel as TorchControlNet
+from helpers import SD1_UNET, SD2_UNET, make_unet, perturb, randomize_
 
 from codi_eqx.models import ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel
 from codi_eqx.nn import Conv2d, Linear
-from jax_tiny import perturb
-from tiny_models import SD1_UNET, SD2_UNET, make_unet, randomize_
 from weights_conversion import (
     WeightsError,
     load_adapter,
