@@ -4,14 +4,11 @@ posterior and text embeddings (misses encoded here and stored)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
 from ._config import TrainConfig, TrainConfigError
-
-if TYPE_CHECKING:
-    from ._plan import Plan
 
 
 class Encoders:
@@ -64,16 +61,17 @@ class Encoders:
         return emb[:n]
 
 
-def open_cache(config: TrainConfig, p: Plan):
-    """The `LatentCache` of `cache_latents` (None without it); a cache made for another
-    dataset, resolution, model or precision is a usage error."""
+def open_cache(config: TrainConfig, model_path: Path, dataset_fingerprint: str):
+    """The `LatentCache` of `cache_latents` (None without it), tied to the dataset (its
+    fingerprint), the resolution, the model at `model_path` and the precision; a cache made
+    for another of these is a usage error."""
     if not config.cache_latents:
         return None
     from ..data import DataError, LatentCache
 
-    encoder = f"{p.model_path.resolve()}|{config.dtype_name}"
+    encoder = f"{Path(model_path).resolve()}|{config.dtype_name}"
     try:
-        return LatentCache(config.cache_latents, fingerprint=p.dataset.fingerprint,
+        return LatentCache(config.cache_latents, fingerprint=dataset_fingerprint,
                            resolution=config.resolution, encoder=encoder)
     except DataError as e:
         raise TrainConfigError(f"--cache_latents: {e}") from None

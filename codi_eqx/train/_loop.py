@@ -65,7 +65,7 @@ def train(config: TrainConfig, *, progress: Any = None, checked: Plan | None = N
     p = plan(config) if checked is None else checked
     for line in p.notes:
         note(line)
-    cache = open_cache(config, p)
+    cache = open_cache(config, p.model_path, p.dataset.fingerprint)
     if hooks.on_plan is not None:
         hooks.on_plan(p)
     main, out = is_main_process(), Path(config.output_dir)

@@ -205,7 +205,7 @@ def _check_latent_cache(config: TrainConfig, p: Plan) -> None:
     if cache_dir.exists() and not cache_dir.is_dir():
         raise TrainConfigError(f"--cache_latents {cache_dir}: not a folder")
     if (cache_dir / "cache.json").exists():
-        open_cache(config, p)  # refuses a cache made for something else
+        open_cache(config, p.model_path, p.dataset.fingerprint)  # refuses a cache made for something else
 
 
 def adapter_settings(config: TrainConfig, p: Plan, model_prediction_type: str):
