@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from .diffusion import NoiseSchedule
 from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from .weights import WeightsError, load_text_encoder, load_unet, load_vae
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def read_manifest(root: str | os.PathLike) -> Optional[dict]:
     """The `codi_eqx.json` of a converted model directory (None where there is none); a
     `WeightsError` when it is corrupt, of another format or of a newer version."""
-    from weights_conversion import WeightsError
-
     path = Path(root) / MODEL_MANIFEST
     if not path.is_file():
         return None
@@ -102,14 +101,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
                     raise RuntimeError
                 return Path(snapshot_download(str(path)))
             except Exception:
-                from weights_conversion import WeightsError
-
                 raise WeightsError(
                     f"{path}: not a local directory, and not in the Hugging Face cache "
                     "(download it where the network allows, or pass a local path)"
                 ) from None
-    from weights_conversion import WeightsError
-
     raise WeightsError(f"{path}: no such model directory")
 
 
@@ -132,8 +127,6 @@ def load_pipeline(
         A `Pipeline` with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`,
         `.scheduler_config` and `.schedule`.
     """
-    from weights_conversion import WeightsError, load_text_encoder, load_unet, load_vae
-
     root = resolve_model_path(path)
     if not root.is_dir():
         raise WeightsError(f"{root}: not a directory (a single-file checkpoint must be converted "

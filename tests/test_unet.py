@@ -14,6 +14,7 @@ from diffusers import ControlNetModel as TorchControlNet
 from codi_eqx.models import ControlNetModel, UNet2DConditionModel
 from tiny_models import SD1_UNET, SD2_UNET, make_unet, randomize_
 from weights_conversion import (
+    SafetensorsFile,
     WeightsError,
     load_adapter,
     load_unet,
@@ -21,7 +22,6 @@ from weights_conversion import (
     save_file,
     save_unet,
 )
-from weights_conversion._safetensors import SafetensorsFile
 
 FAMILIES = {"sd1": SD1_UNET, "sd2": SD2_UNET}
 B, H, W, L = 2, 8, 12, 7  # batch, non-square latents, text length

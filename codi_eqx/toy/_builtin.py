@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 ADAPTERS = {"edges": "adapter-edges", "text": "adapter-text"}
 """The shipped adapters: `edges` (condition image: the shapes' outlines) and `text` (no
 condition image: text-to-image acceleration)."""
 
 
-class BuiltinMissingError(FileNotFoundError):
+class BuiltinMissingError(UsageError, FileNotFoundError):
     """The built-in weights are not in this installation."""
 
 

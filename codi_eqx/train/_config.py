@@ -10,11 +10,12 @@ from typing import Any, Optional
 
 from ..data import DataConfig
 from ..distill import DistillConfig, OptimConfig
+from ..errors import UsageError
 
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UsageError, ValueError):
     """An option, or a combination of options, that cannot run (a usage error)."""
 
 

@@ -27,12 +27,14 @@ from ._checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from ..errors import CodiError
+from ..weights import WeightsError, save_adapter, save_unet
 from ._config import TrainConfig, TrainConfigError
 
 logger = logging.getLogger("codi_eqx.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CodiError, RuntimeError):
     """Training stopped on a failure (a non-finite loss, ...); the message says what to do."""
 
 
@@ -86,8 +88,6 @@ def plan(config: TrainConfig) -> Plan:
     resolution against the VAE's factor, the dataset and its columns, the batch over the
     devices. Raises `TrainConfigError` (one line) on the first problem."""
     import jax
-
-    from weights_conversion import WeightsError
 
     from .._pipeline import resolve_model_path
     from ..data import DataError, open_dataset
@@ -481,8 +481,6 @@ def train(config: TrainConfig, *, progress: Any = None,
     import jax
     import jax.numpy as jnp
 
-    from weights_conversion import save_adapter
-
     from .._pipeline import load_pipeline
     from ..data import DataLoader
     from ..distill import Trainable, init_train_state, make_frozen
@@ -647,8 +645,6 @@ def train(config: TrainConfig, *, progress: Any = None,
                 os.replace(f, out / f.name)
             shutil.rmtree(tmp, ignore_errors=True)
             if state.ema.unet is not None:
-                from weights_conversion import save_unet
-
                 save_unet(state.ema.unet, out / "unet")
             if config.validation_prompt and step % config.validation_steps:
                 _validate(config, pipe, state.ema, settings, step, out / "validation",
