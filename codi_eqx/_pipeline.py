@@ -11,8 +11,9 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from . import weights
 from .diffusion import NoiseSchedule
-from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from .models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 from .weights import WeightsError, load_text_encoder, load_unet, load_vae
 
 
@@ -169,3 +170,28 @@ def load_pipeline(
         schedule=schedule,
         path=root,
     )
+
+
+def load_adapter(path: str | os.PathLike, *, dtype: Any = None) -> ControlNetModel:
+    """An adapter (`ControlNetModel`) from a diffusers ControlNet directory, an adapter saved
+    by `save_adapter`, or a training run's output directory (parameters in `dtype`, float32
+    by default)."""
+    return weights.load_adapter(path, dtype=jnp.float32 if dtype is None else dtype)
+
+
+def load_trained_unet(path: str | os.PathLike, *, dtype: Any = None,
+                      ) -> Optional[UNet2DConditionModel]:
+    """The UNet that a full-CoDi run trains along with its adapter, which `codi train` writes
+    beside the adapter as `path/unet/`; None where `path` has none."""
+    folder = Path(path) / "unet"
+    if not (folder / "config.json").is_file():
+        return None
+    return load_unet(folder, dtype=jnp.float32 if dtype is None else dtype)
+
+
+def save_adapter(adapter: ControlNetModel, path: str | os.PathLike, *,
+                 settings: Any = None) -> None:
+    """Write an adapter atomically (config.json + safetensors, diffusers ControlNet layout),
+    with `settings` (an `AdapterSettings`) recorded in its config.json when given."""
+    weights.save_adapter(
+        adapter, path, extra_config=None if settings is None else settings.config_entry())
