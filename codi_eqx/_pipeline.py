@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +30,6 @@ class Pipeline:
     scheduler_config: dict
     schedule: NoiseSchedule
     path: Path
-    extra: dict = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:

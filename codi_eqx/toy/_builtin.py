@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._atomic import atomic_path
 from ..errors import UsageError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -69,9 +70,8 @@ def prepare_builtin_run(output_dir: str | Path, *, seed: int = 0, num_images: in
     out = Path(output_dir)
     data = out / "shapes-data"
     if not (data / "meta.jsonl").exists():
-        tmp = out / ".shapes-data.partial"
-        _shapes.write_dataset(tmp, num_images, seed=seed, split="train")
-        tmp.rename(data)
+        with atomic_path(data, is_dir=True) as tmp:
+            _shapes.write_dataset(tmp, num_images, seed=seed, split="train")
     val = out / "shapes-validation"
     prompts, images = [], []
     val.mkdir(parents=True, exist_ok=True)

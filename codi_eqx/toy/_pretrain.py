@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -315,7 +314,3 @@ def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(),
         shutil.rmtree(folder)
     work.rename(folder)
     return folder
-
-
-def parameter_count(tree) -> int:
-    return sum(int(math.prod(a.shape)) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
