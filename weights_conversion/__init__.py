@@ -31,3 +31,6 @@ from codi_eqx.weights import save_unet as save_unet
 from codi_eqx.weights import save_vae as save_vae
 from codi_eqx.weights import stored_axes as stored_axes
 from codi_eqx.weights import to_checkpoint_layout as to_checkpoint_layout
+
+from .convert import Conversion as Conversion
+from .convert import convert as convert

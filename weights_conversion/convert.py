@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -52,7 +51,7 @@ from codi_eqx.weights import (
     SafetensorsFile,
     WeightsError,
     export_state,
-    load_state,
+    load_folder,
     read_config,
     read_tensors,
     save_adapter,
@@ -151,16 +150,17 @@ def _tensors_of_folder(folder: Path, allow_pickle: bool) -> Mapping[str, np.ndar
         return out
 
 
-# kind -> (config class, model builder, name table)
+# kind -> (config class, model builder given the config and the dtype, name table)
 _COMPONENTS = {
-    "unet": (UNet2DConditionConfig, lambda cfg, dtype, key: UNet2DConditionModel(cfg, key=key),
-             UNET_NAME_MAP),
-    "vae": (AutoencoderKLConfig, lambda cfg, dtype, key: AutoencoderKL(cfg, key=key),
-            VAE_NAME_MAP),
+    "unet": (UNet2DConditionConfig,
+             lambda cfg, dtype: UNet2DConditionModel(cfg, key=jax.random.key(0)), UNET_NAME_MAP),
+    "vae": (AutoencoderKLConfig,
+            lambda cfg, dtype: AutoencoderKL(cfg, key=jax.random.key(0)), VAE_NAME_MAP),
     "text_encoder": (CLIPTextConfig,
-                     lambda cfg, dtype, key: CLIPTextModel(cfg, dtype=dtype, key=key),
+                     lambda cfg, dtype: CLIPTextModel(cfg, dtype=dtype, key=jax.random.key(0)),
                      CLIP_NAME_MAP),
-    "controlnet": (ControlNetConfig, lambda cfg, dtype, key: ControlNetModel(cfg, key=key),
+    "controlnet": (ControlNetConfig,
+                   lambda cfg, dtype: ControlNetModel(cfg, key=jax.random.key(0)),
                    CONTROLNET_NAME_MAP),
 }
 
@@ -171,16 +171,9 @@ def load_component(kind: str, folder: str | Path, *, dtype: Any = jnp.float32,
     model with parameters in `dtype`, every tensor checked; pickle weights are read where the
     folder has no safetensors and `allow_pickle` is set."""
     folder = Path(folder)
-    config_cls, build, name_map = _COMPONENTS[kind]
-    try:
-        cfg = config_cls.from_dict(read_config(folder))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{folder / 'config.json'}: unsupported config: {e}") from None
-    template = eqx.filter_eval_shape(lambda: build(cfg, dtype, jax.random.key(0)))
-    tensors = _tensors_of_folder(folder, allow_pickle)
-    return load_state(template, tensors, name_map, dtype=dtype, what=str(folder))
+    config_class, build, name_map = _COMPONENTS[kind]
+    return load_folder(folder, config_class, lambda cfg: build(cfg, dtype), name_map,
+                       dtype=dtype, tensors=lambda: _tensors_of_folder(folder, allow_pickle))
 
 
 def _read_json(path: Path) -> dict:

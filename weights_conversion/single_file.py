@@ -48,6 +48,7 @@ from codi_eqx.weights import (
     UNET_NAME_MAP,
     VAE_NAME_MAP,
     WeightsError,
+    check_matched,
     load_state,
     module_keys,
     stored_axes,
@@ -275,13 +276,7 @@ def _fill(template: Any, tensors: Mapping, name_map, rows: list[Row], prefix: st
         if k.startswith(prefix) and k not in needed
         and not any(re.fullmatch(p, k) for p in (*IGNORED, *extra_ok))
     )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {summarise_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarise_keys(unexpected)}")
-    if problems:
-        raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
+    check_matched(what, missing=missing, unexpected=unexpected)
     return load_state(template, _Renamed(tensors, entries), name_map, dtype=dtype, what=what)
 
 
@@ -503,13 +498,7 @@ def _fill_clip(template, tensors, prefix, *, what, dtype):
     missing = sorted(k for k in needed if k not in tensors)
     unexpected = sorted(k for k in tensors if k.startswith(CLIP_PREFIX) and k not in needed
                         and not any(re.fullmatch(p, k) for p in IGNORED))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {summarise_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarise_keys(unexpected)}")
-    if problems:
-        raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
+    check_matched(what, missing=missing, unexpected=unexpected)
     return load_state(template, _Renamed(tensors, entries), CLIP_NAME_MAP, dtype=dtype, what=what)
 
 

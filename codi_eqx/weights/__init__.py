@@ -12,11 +12,13 @@ from ._clip import load_text_encoder as load_text_encoder
 from ._clip import save_text_encoder as save_text_encoder
 from ._diffusers import TensorSource as TensorSource
 from ._diffusers import find_weight_files as find_weight_files
+from ._diffusers import load_folder as load_folder
 from ._diffusers import read_config as read_config
 from ._diffusers import read_tensors as read_tensors
 from ._errors import WeightsError as WeightsError
 from ._mapping import TRANSFORMS as TRANSFORMS
 from ._mapping import NameMap as NameMap
+from ._mapping import check_matched as check_matched
 from ._mapping import export_state as export_state
 from ._mapping import load_state as load_state
 from ._mapping import module_keys as module_keys

@@ -200,6 +200,13 @@ def load_state(
         else:
             filled.append(jnp.array(src))
     unexpected = [by_key[k] for k in by_key if k not in used]
+    check_matched(what, missing=missing, unexpected=unexpected, misshapen=misshapen)
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def check_matched(what: str, *, missing=(), unexpected=(), misshapen=()) -> None:
+    """Raise one `WeightsError` naming the `missing`, `unexpected` and `misshapen` tensors of
+    `what`, if there are any."""
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {summarise_keys(missing)}")
@@ -209,7 +216,6 @@ def load_state(
         problems.append(f"{len(misshapen)} tensor(s) of the wrong shape: {summarise_keys(misshapen)}")
     if problems:
         raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
-    return jax.tree_util.tree_unflatten(treedef, filled)
 
 
 def export_state(module: Any, name_map: NameMap, *, dtype: Any = None) -> dict[str, np.ndarray]:

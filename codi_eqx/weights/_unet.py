@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -18,9 +17,9 @@ from ..models import (
     UNet2DConditionConfig,
     UNet2DConditionModel,
 )
-from ._diffusers import read_config, read_tensors
+from ._diffusers import load_folder
 from ._errors import WeightsError
-from ._mapping import NameMap, export_state, load_state
+from ._mapping import NameMap, export_state
 from ._safetensors import save_file
 
 # The feed-forward's layers are `net.0` (GEGLU) and `net.2` (`net.1` is a parameterless
@@ -32,25 +31,15 @@ ADAPTER_FORMAT = "codi-eqx-adapter"
 ADAPTER_FORMAT_VERSION = 1
 
 
-def _config_error(folder, e: Exception) -> WeightsError:
-    return WeightsError(f"{folder}: unsupported config: {e}")
-
-
 def load_unet(
     folder: str | os.PathLike, *, dtype=jnp.float32, variant: Optional[str] = None,
     remat: bool = False,
 ) -> UNet2DConditionModel:
     """A diffusers `unet/` folder (config.json + safetensors) as a `UNet2DConditionModel`."""
-    try:
-        config = UNet2DConditionConfig.from_dict(read_config(folder))
-    except ValueError as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise _config_error(folder, e) from None
-    template = eqx.filter_eval_shape(
-        lambda: UNet2DConditionModel(config, remat=remat, key=jax.random.key(0))
-    )
-    return load_state(template, read_tensors(folder, variant), UNET_NAME_MAP, dtype=dtype, what=str(folder))
+    return load_folder(
+        folder, UNet2DConditionConfig,
+        lambda config: UNet2DConditionModel(config, remat=remat, key=jax.random.key(0)),
+        UNET_NAME_MAP, dtype=dtype, variant=variant)
 
 
 def load_controlnet(
@@ -58,18 +47,10 @@ def load_controlnet(
     remat: bool = False,
 ) -> ControlNetModel:
     """A diffusers ControlNet folder, or an adapter saved by `save_adapter`."""
-    try:
-        config = ControlNetConfig.from_dict(read_config(folder))
-    except ValueError as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise _config_error(folder, e) from None
-    template = eqx.filter_eval_shape(
-        lambda: ControlNetModel(config, remat=remat, key=jax.random.key(0))
-    )
-    return load_state(
-        template, read_tensors(folder, variant), CONTROLNET_NAME_MAP, dtype=dtype, what=str(folder)
-    )
+    return load_folder(
+        folder, ControlNetConfig,
+        lambda config: ControlNetModel(config, remat=remat, key=jax.random.key(0)),
+        CONTROLNET_NAME_MAP, dtype=dtype, variant=variant)
 
 
 def save_unet(unet: UNet2DConditionModel, folder: str | os.PathLike, *, dtype=None) -> None:
