@@ -203,7 +203,7 @@ def classify(source: str | Path, *, allow_pickle: bool = False) -> tuple[str, Pa
                 raise _pickle_refused(p, "a pickle file")
             return "pickle", p
         raise UsageError(f"{p}: unknown file type {suffix or '(none)'} (expected .safetensors, "
-                         "or .bin/.ckpt with allow_pickle)")
+                         "or .bin/.ckpt with allow_pickle, `--allow-pickle`)")
     if (p / MODEL_MANIFEST).is_file() or (p / "model_index.json").is_file() or (p / "unet").is_dir():
         return "pipeline", p
     if (p / "config.json").is_file():
