@@ -93,7 +93,7 @@ def tensors_of(size_mb: float, dtype) -> dict[str, np.ndarray]:
 
 def run_child(method: str, path: Path) -> dict:
     result = subprocess.run([sys.executable, "-c", _CHILD, method, str(path)],
-                            capture_output=True, text=True, cwd=ROOT,
+                            capture_output=True, text=True, cwd=ROOT, check=False,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1]}

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from codi_eqx import errors
-from codi_eqx._atomic import atomic_path as atomic_path
+from codi_eqx._atomic import atomic_path as atomic_path  # re-exported for the commands
 
 USAGE_ERROR = 2
 FAILURE = 1
