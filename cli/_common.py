@@ -4,26 +4,24 @@ and outputs that appear whole or not at all."""
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from codi_eqx import errors
+from codi_eqx._atomic import atomic_path as atomic_path  # re-exported for the commands
+
 USAGE_ERROR = 2
 FAILURE = 1
 
 
-class CodiError(Exception):
-    """A failure to report as one line (exit code 1)."""
-
-
-class CodiUsageError(CodiError):
-    """Bad input from the user (exit code 2)."""
+CodiError = errors.CodiError
+"""A failure to report as one line (exit code 1): the library's own base class."""
+CodiUsageError = errors.UsageError
+"""Bad input from the user (exit code 2): the library's `UsageError`."""
 
 
 def fail(message: str, code: int = FAILURE) -> "typer.Exit":
@@ -34,14 +32,13 @@ def fail(message: str, code: int = FAILURE) -> "typer.Exit":
 
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Turn the library's expected errors into one-line messages and exit codes."""
-    from weights_conversion import WeightsError
-
+    """Turn the library's expected errors into one-line messages and exit codes: a
+    `UsageError` exits with 2, any other `CodiError` with 1."""
     try:
         yield
-    except CodiUsageError as e:
+    except errors.UsageError as e:
         fail(str(e), USAGE_ERROR)
-    except (CodiError, WeightsError) as e:
+    except errors.CodiError as e:
         fail(str(e), FAILURE)
     except KeyboardInterrupt:
         fail("interrupted", 130)
@@ -49,33 +46,6 @@ def reported_errors() -> Iterator[None]:
         fail("out of memory (try a smaller batch or resolution)", FAILURE)
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), FAILURE)
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it is renamed onto `target`,
-    on failure removed, so no half-written output is ever left where a good one stood."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent,
-                                    suffix=target.suffix)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if is_dir and target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
 def progress(**kwargs):

@@ -68,9 +68,8 @@ def thresholds(seed: int, i: int, low: Optional[int], high: Optional[int]) -> tu
 def _write_png(array, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def process_one(task: tuple) -> tuple[int, Optional[str]]:

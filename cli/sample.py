@@ -308,9 +308,11 @@ def _sample(
              f"{model}")
 
     use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
+    import dataclasses
+
     import jax.numpy as jnp
 
-    from codi_eqx import load_adapter, load_pipeline
+    from codi_eqx import load_adapter, load_pipeline, load_trained_unet
     from codi_eqx.sampling import generate, image_grid
 
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
@@ -327,7 +329,7 @@ def _sample(
         if n_tokens > limit:
             note(f"note: the prompt {p[:40]!r}... has {n_tokens} tokens; the text encoder reads "
                  f"the first {limit} (the rest is cut off)")
-    net = None
+    net, trained_unet = None, None
     if adapter is not None:
         try:
             net = load_adapter(adapter, dtype=jdtype)
@@ -338,18 +340,14 @@ def _sample(
             raise CodiUsageError(f"--adapter {adapter} needs a condition image: give --control_image")
         if not needs and control is not None:
             raise CodiUsageError(f"--adapter {adapter} has no condition encoder: drop --control_image")
-        trained_unet = Path(adapter) / "unet"
-        if (trained_unet / "config.json").is_file():
-            # A full-CoDi run trains the UNet too and writes its EMA weights beside the adapter.
-            import dataclasses
-
-            from weights_conversion import load_unet
-
-            try:
-                pipe = dataclasses.replace(pipe, unet=load_unet(trained_unet, dtype=jdtype))
-            except ValueError as e:
-                raise CodiError(f"--adapter {adapter}: {e}") from None
-            note(f"using the UNet trained with the adapter: {trained_unet}")
+        # A full-CoDi run trains the UNet too and writes its EMA weights beside the adapter.
+        try:
+            trained_unet = load_trained_unet(adapter, dtype=jdtype)
+        except ValueError as e:
+            raise CodiError(f"--adapter {adapter}: {e}") from None
+        if trained_unet is not None:
+            pipe = dataclasses.replace(pipe, unet=trained_unet)
+            note(f"using the UNet trained with the adapter: {Path(adapter) / 'unet'}")
     if sampler == "ddim" and steps > pipe.schedule.num_train_timesteps:
         raise CodiUsageError(f"--steps {steps} exceeds the model's "
                              f"{pipe.schedule.num_train_timesteps} training timesteps")
@@ -385,10 +383,7 @@ def _sample(
         "distill_learning_steps": str(distill_learning_steps) if sampler == "codi" else None,
         "distill_timestep_scaling": str(options.timestep_scaling) if sampler == "codi" else None,
         "adapter": None if adapter is None else str(adapter),
-        "unet": (
-            str(Path(adapter) / "unet")
-            if adapter is not None and (Path(adapter) / "unet" / "config.json").is_file() else None
-        ),
+        "unet": None if trained_unet is None else str(Path(adapter) / "unet"),
         "controlnet_conditioning_scale": str(controlnet_conditioning_scale),
         "software": "codi-eqx",
     }

@@ -18,7 +18,6 @@ from codi_eqx.train._config import PANEL_RUN, flag_spellings, training_options
 from ._common import (
     COMPILATION_CACHE_DIR_HELP,
     NO_COMPILATION_CACHE_HELP,
-    CodiError,
     CodiUsageError,
     fail,
     note,
@@ -165,33 +164,23 @@ def _run(values: dict, dry_run: bool, given: set[str] = frozenset()) -> None:
     import json
     import signal
 
-    from codi_eqx.data import DataError
-    from codi_eqx.train import (
-        CheckpointError,
-        TrainConfig,
-        TrainConfigError,
-        TrainingError,
-        plan,
-    )
+    from codi_eqx.train import TrainConfig, plan
     from codi_eqx.train import train as run_training
 
-    try:
-        if not values["pretrained_model_name_or_path"] and not (
-                values["train_data_dir"] or values["dataset_name"]):
-            values = _builtin_run(values, given)
-        config = TrainConfig(**values)
-        p = plan(config)  # every check that needs no weights, before the progress bar starts
-        if dry_run:
-            for line in p.notes:
-                note(line)
-            print(json.dumps(p.describe(config), indent=2))
-            return
-        with progress() as bar:
-            summary = run_training(config, progress=bar, checked=p)
-    except (TrainConfigError, CheckpointError) as e:
-        raise CodiUsageError(str(e)) from None
-    except (TrainingError, DataError) as e:
-        raise CodiError(str(e)) from None
+    # TrainConfigError and CheckpointError (usage), TrainingError and DataError (failures)
+    # reach `reported_errors`, which gives each its exit code.
+    if not values["pretrained_model_name_or_path"] and not (
+            values["train_data_dir"] or values["dataset_name"]):
+        values = _builtin_run(values, given)
+    config = TrainConfig(**values)
+    p = plan(config)  # every check that needs no weights, before the progress bar starts
+    if dry_run:
+        for line in p.notes:
+            note(line)
+        print(json.dumps(p.describe(config), indent=2))
+        return
+    with progress() as bar:
+        summary = run_training(config, progress=bar, checked=p)
     if summary["interrupted"] is not None:
         note(f"interrupted at step {summary['step']}: checkpoint {summary['checkpoint']}; "
              "continue with --resume_from_checkpoint latest")

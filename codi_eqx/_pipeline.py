@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from . import weights
 from .diffusion import NoiseSchedule
-from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from .models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from .weights import WeightsError, load_text_encoder, load_unet, load_vae
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,6 @@ class Pipeline:
     scheduler_config: dict
     schedule: NoiseSchedule
     path: Path
-    extra: dict = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
@@ -59,8 +60,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def read_manifest(root: str | os.PathLike) -> Optional[dict]:
     """The `codi_eqx.json` of a converted model directory (None where there is none); a
     `WeightsError` when it is corrupt, of another format or of a newer version."""
-    from weights_conversion import WeightsError
-
     path = Path(root) / MODEL_MANIFEST
     if not path.is_file():
         return None
@@ -102,14 +101,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
                     raise RuntimeError
                 return Path(snapshot_download(str(path)))
             except Exception:
-                from weights_conversion import WeightsError
-
                 raise WeightsError(
                     f"{path}: not a local directory, and not in the Hugging Face cache "
                     "(download it where the network allows, or pass a local path)"
                 ) from None
-    from weights_conversion import WeightsError
-
     raise WeightsError(f"{path}: no such model directory")
 
 
@@ -132,8 +127,6 @@ def load_pipeline(
         A `Pipeline` with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`,
         `.scheduler_config` and `.schedule`.
     """
-    from weights_conversion import WeightsError, load_text_encoder, load_unet, load_vae
-
     root = resolve_model_path(path)
     if not root.is_dir():
         raise WeightsError(f"{root}: not a directory (a single-file checkpoint must be converted "
@@ -176,3 +169,28 @@ def load_pipeline(
         schedule=schedule,
         path=root,
     )
+
+
+def load_adapter(path: str | os.PathLike, *, dtype: Any = None) -> ControlNetModel:
+    """An adapter (`ControlNetModel`) from a diffusers ControlNet directory, an adapter saved
+    by `save_adapter`, or a training run's output directory (parameters in `dtype`, float32
+    by default)."""
+    return weights.load_adapter(path, dtype=jnp.float32 if dtype is None else dtype)
+
+
+def load_trained_unet(path: str | os.PathLike, *, dtype: Any = None,
+                      ) -> Optional[UNet2DConditionModel]:
+    """The UNet that a full-CoDi run trains along with its adapter, which `codi train` writes
+    beside the adapter as `path/unet/`; None where `path` has none."""
+    folder = Path(path) / "unet"
+    if not (folder / "config.json").is_file():
+        return None
+    return load_unet(folder, dtype=jnp.float32 if dtype is None else dtype)
+
+
+def save_adapter(adapter: ControlNetModel, path: str | os.PathLike, *,
+                 settings: Any = None) -> None:
+    """Write an adapter atomically (config.json + safetensors, diffusers ControlNet layout),
+    with `settings` (an `AdapterSettings`) recorded in its config.json when given."""
+    weights.save_adapter(
+        adapter, path, extra_config=None if settings is None else settings.config_entry())

@@ -3,7 +3,6 @@ state replicated. Multi-host through `jax.distributed`."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
@@ -76,17 +75,3 @@ def initialize_distributed(
 def is_main_process() -> bool:
     """Only process 0 writes files (checkpoints, metrics, images)."""
     return jax.process_index() == 0
-
-
-def process_share(global_batch_size: int) -> tuple[int, int]:
-    """`(start, stop)` of this process's contiguous share of a global batch."""
-    n = jax.process_count()
-    if global_batch_size % n:
-        raise ValueError(f"global batch {global_batch_size} does not split over {n} processes")
-    per = global_batch_size // n
-    i = jax.process_index()
-    return i * per, (i + 1) * per
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -16,6 +16,7 @@ from helpers import SD1_UNET, SD2_UNET, make_unet, perturb, randomize_
 from codi_eqx.models import ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel
 from codi_eqx.nn import Conv2d, Linear
 from weights_conversion import (
+    SafetensorsFile,
     WeightsError,
     load_adapter,
     load_unet,
@@ -23,7 +24,6 @@ from weights_conversion import (
     save_file,
     save_unet,
 )
-from weights_conversion._safetensors import SafetensorsFile
 
 FAMILIES = {"sd1": SD1_UNET, "sd2": SD2_UNET}
 B, H, W, L = 2, 8, 12, 7  # batch, non-square latents, text length

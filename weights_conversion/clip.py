@@ -1,79 +1,10 @@
-"""The CLIP text encoder (`text_encoder/` of a Stable Diffusion model) <-> `CLIPTextModel`.
+"""The CLIP text encoder's name table and folder load / save: now in `codi_eqx.weights`,
+re-exported here under their old names."""
 
-Module paths equal checkpoint keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`),
-with these exceptions:
-
-- `text_model.embeddings.position_ids`, a buffer of `arange(max_position_embeddings)` that
-  older checkpoints (SD 1.x and 2.x among them) carry, holds no parameter: ignored.
-- `text_projection.weight` appears where the folder holds a text encoder *with projection*
-  (SDXL's `text_encoder_2`): it maps the pooled end-of-text state to the CLIP embedding space,
-  which Stable Diffusion's conditioning (the last hidden state) never uses: ignored.
-- transformers 5 writes the keys without the `text_model.` prefix; those are read as
-  aliases. Export writes the prefixed spelling, which both transformers 4 and 5 load.
-"""
-
-from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-from typing import Optional
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-
-from codi_eqx.models import CLIPTextConfig, CLIPTextModel
-
-from ._diffusers import read_config, read_tensors
-from ._errors import WeightsError
-from ._mapping import NameMap, export_state, load_state
-from ._safetensors import save_file
-
-CLIP_NAME_MAP = NameMap(
-    aliases=((r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1."),),
-    ignore=(
-        r"(text_model\.)?embeddings\.position_ids",
-        r"text_projection\.weight",
-    ),
+from codi_eqx.weights import (
+    CLIP_NAME_MAP,
+    load_text_encoder,
+    save_text_encoder,
 )
 
-
-def load_text_encoder(
-    folder: str | os.PathLike, *, dtype=jnp.float32, variant: Optional[str] = None
-) -> CLIPTextModel:
-    """The text encoder in `folder` (`config.json` and safetensors weights), parameters cast
-    to `dtype`. Raises `WeightsError` naming any tensor missing, unexpected or misshapen."""
-    config_dict = read_config(folder)
-    try:
-        config = CLIPTextConfig.from_dict(config_dict)
-    except (TypeError, ValueError) as e:
-        path = Path(folder) / "config.json"
-        raise WeightsError(f"{path}: not a CLIP text encoder config ({e})") from None
-    template = eqx.filter_eval_shape(CLIPTextModel, config, dtype=dtype, key=jax.random.key(0))
-    return load_state(
-        template, read_tensors(folder, variant), CLIP_NAME_MAP, dtype=dtype, what=str(folder)
-    )
-
-
-def save_text_encoder(model: CLIPTextModel, folder: str | os.PathLike) -> None:
-    """Write `model` to `folder` as transformers' `CLIPTextModel` does: `config.json` and
-    `model.safetensors` (in the parameters' dtype)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = export_state(model, CLIP_NAME_MAP)
-    dtypes = {str(a.dtype) for a in tensors.values()}
-    config = {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        **model.config.to_dict(),
-        "attention_dropout": 0.0,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-    }
-    if len(dtypes) == 1:
-        config["torch_dtype"] = dtypes.pop()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    tmp = folder / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / "config.json")
+__all__ = ["CLIP_NAME_MAP", "load_text_encoder", "save_text_encoder"]

@@ -41,20 +41,21 @@ from codi_eqx.models import (
     UNet2DConditionConfig,
     UNet2DConditionModel,
 )
-
-from ._errors import WeightsError
-from ._mapping import (
+from codi_eqx.weights import (
+    CLIP_NAME_MAP,
+    CONTROLNET_NAME_MAP,
     TRANSFORMS,
-    _is_param,
-    _path_to_key,
+    UNET_NAME_MAP,
+    VAE_NAME_MAP,
+    WeightsError,
+    check_matched,
     load_state,
     module_keys,
     stored_axes,
+    summarise_keys,
+    template_shapes,
     to_checkpoint_layout,
 )
-from .clip import CLIP_NAME_MAP
-from .unet import CONTROLNET_NAME_MAP, UNET_NAME_MAP
-from .vae import VAE_NAME_MAP
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -224,12 +225,6 @@ def _translate(key: str, rows: list[Row]) -> str:
 # Reading
 
 
-def template_shapes(template: Any) -> dict[str, tuple[int, ...]]:
-    """Module key -> shape of every parameter of an `eqx.filter_eval_shape` template."""
-    leaves = jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_param)[0]
-    return {_path_to_key(p): tuple(x.shape) for p, x in leaves if _is_param(x)}
-
-
 class _Renamed(Mapping):
     """A lazily renamed view: diffusers name -> (original name, which third or None)."""
 
@@ -250,11 +245,6 @@ class _Renamed(Mapping):
 
     def __len__(self) -> int:
         return len(self.entries)
-
-
-def _summary(names, limit: int = 6) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _expected(template: Any, name_map, rows: list[Row], prefix: str,
@@ -286,13 +276,7 @@ def _fill(template: Any, tensors: Mapping, name_map, rows: list[Row], prefix: st
         if k.startswith(prefix) and k not in needed
         and not any(re.fullmatch(p, k) for p in (*IGNORED, *extra_ok))
     )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_summary(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_summary(unexpected)}")
-    if problems:
-        raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
+    check_matched(what, missing=missing, unexpected=unexpected)
     return load_state(template, _Renamed(tensors, entries), name_map, dtype=dtype, what=what)
 
 
@@ -514,13 +498,7 @@ def _fill_clip(template, tensors, prefix, *, what, dtype):
     missing = sorted(k for k in needed if k not in tensors)
     unexpected = sorted(k for k in tensors if k.startswith(CLIP_PREFIX) and k not in needed
                         and not any(re.fullmatch(p, k) for p in IGNORED))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_summary(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_summary(unexpected)}")
-    if problems:
-        raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
+    check_matched(what, missing=missing, unexpected=unexpected)
     return load_state(template, _Renamed(tensors, entries), CLIP_NAME_MAP, dtype=dtype, what=what)
 
 
@@ -528,7 +506,7 @@ def check_prefixes(tensors: Mapping, allowed: tuple[str, ...], what: str) -> Non
     """Every tensor is under one of `allowed` prefixes or a known buffer."""
     stray = [k for k in tensors if not k.startswith(allowed) and not any(re.fullmatch(p, k) for p in IGNORED)]
     if stray:
-        raise WeightsError(f"{what}: {len(stray)} unexpected tensor(s): {_summary(stray)}")
+        raise WeightsError(f"{what}: {len(stray)} unexpected tensor(s): {summarise_keys(stray)}")
 
 
 CODI_CONFIG_KEY = "codi_eqx_config"

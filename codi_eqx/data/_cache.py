@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -27,6 +26,7 @@ from typing import Optional, Union
 import numpy as np
 from jaxtyping import Float
 
+from .._atomic import atomic_path
 from ._errors import DataError
 
 FORMAT = 1
@@ -38,16 +38,8 @@ EncodeTexts = Callable[[list], np.ndarray]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class LatentCache:
@@ -97,12 +89,6 @@ class LatentCache:
     def _text_path(self, caption: str) -> Path:
         digest = hashlib.sha256(caption.encode("utf-8")).hexdigest()
         return self.directory / "text" / digest[:2] / f"{digest}.npy"
-
-    def has_latents(self, index: int) -> bool:
-        return self._latent_path(index).is_file()
-
-    def has_text(self, caption: str) -> bool:
-        return self._text_path(caption).is_file()
 
     def put_latents(self, index: int, mean: np.ndarray, logvar: np.ndarray) -> None:
         """Store the posterior of example `index`."""

@@ -106,10 +106,6 @@ class DistillConfig:
                         f"{name} at {default!r})")
 
     @property
-    def uses_guidance(self) -> bool:
-        return self.cfg_aware_distill or self.onestepode_cfg
-
-    @property
     def needs_frozen_unet(self) -> bool:
         """Whether the step reads the pretrained UNet (`Frozen.unet`): always in PE-CoDi; in
         full CoDi only as the `uncontrol` one-step teacher (the trained UNet is in the

@@ -256,7 +256,7 @@ class CLIPTextModel(eqx.Module):
     layer norms compute their statistics in float32), `key` for the random initialisation.
 
     Build it empty with `eqx.filter_eval_shape` and fill it from a checkpoint with
-    `weights_conversion.clip.load_text_encoder`.
+    `codi_eqx.weights.load_text_encoder`.
     """
 
     text_model: CLIPTextTransformer

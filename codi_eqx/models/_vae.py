@@ -367,7 +367,7 @@ class AutoencoderKL(eqx.Module):
 
     def __init__(self, config: AutoencoderKLConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
         """**Arguments:** `config`; `dtype` of the parameters; `key` for the random
-        initialisation (load weights with `weights_conversion.vae.load_vae`)."""
+        initialisation (load weights with `codi_eqx.weights.load_vae`)."""
         ke, kd, kq, kp = jax.random.split(key, 4)
         lat = config.latent_channels
         self.encoder = Encoder(config, dtype=dtype, key=ke)

@@ -52,7 +52,7 @@ class Conv2d(eqx.Module):
     layout: `checkpoint_axes` tells the weight loader and exporter how to permute.
     """
 
-    # module array = checkpoint array.transpose(axes), per field (read by weights_conversion).
+    # module array = checkpoint array.transpose(axes), per field (read by codi_eqx.weights).
     checkpoint_axes: ClassVar[dict[str, tuple[int, ...]]] = {"weight": (2, 3, 1, 0)}
 
     weight: Float[Array, "kh kw in out"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._atomic import atomic_path
+from ..errors import UsageError
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 ADAPTERS = {"edges": "adapter-edges", "text": "adapter-text"}
 """The shipped adapters: `edges` (condition image: the shapes' outlines) and `text` (no
 condition image: text-to-image acceleration)."""
 
 
-class BuiltinMissingError(FileNotFoundError):
+class BuiltinMissingError(UsageError, FileNotFoundError):
     """The built-in weights are not in this installation."""
 
 
@@ -67,9 +70,8 @@ def prepare_builtin_run(output_dir: str | Path, *, seed: int = 0, num_images: in
     out = Path(output_dir)
     data = out / "shapes-data"
     if not (data / "meta.jsonl").exists():
-        tmp = out / ".shapes-data.partial"
-        _shapes.write_dataset(tmp, num_images, seed=seed, split="train")
-        tmp.rename(data)
+        with atomic_path(data, is_dir=True) as tmp:
+            _shapes.write_dataset(tmp, num_images, seed=seed, split="train")
     val = out / "shapes-validation"
     prompts, images = [], []
     val.mkdir(parents=True, exist_ok=True)

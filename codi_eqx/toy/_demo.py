@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._atomic import atomic_path
 from . import _shapes
 
 TEACHER_GUIDANCE = 3.0
@@ -87,9 +88,8 @@ def run_demo(out: str | Path, *, max_train_steps: Optional[int] = None, steps: i
     ddim_seconds = time.perf_counter() - t0
     grid = upscale(image_grid(np.concatenate([edges, codi, teacher]), cols=len(captions)))
     scores = {"codi": judge(codi, captions, edges), "teacher_ddim50": judge(teacher, captions, edges)}
-    tmp = out / ".samples.png.tmp"
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(out / "samples.png")
+    with atomic_path(out / "samples.png") as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     report = {"captions": captions, "steps": steps, "train_steps": summary["step"],
               "train_seconds": round(train_seconds, 1),
               "sampling_seconds": {"codi": round(codi_seconds, 1),

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 import equinox as eqx
@@ -42,6 +41,7 @@ from ..models import (
     UNet2DConditionConfig,
     UNet2DConditionModel,
 )
+from ..weights import load_vae, save_text_encoder, save_unet, save_vae
 from . import _shapes
 
 MAX_TOKENS = 16
@@ -281,8 +281,6 @@ def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(),
     """Train the whole teacher and write it to `folder` as a diffusers-format model
     directory. A finished VAE in `folder/vae` (from an interrupted run with the same
     VAE settings) is reused; the directory appears complete or not at all."""
-    from weights_conversion import load_vae, save_text_encoder, save_unet, save_vae
-
     folder = Path(folder)
     work = folder.with_name(f".{folder.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -316,7 +314,3 @@ def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(),
         shutil.rmtree(folder)
     work.rename(folder)
     return folder
-
-
-def parameter_count(tree) -> int:
-    return sum(int(math.prod(a.shape)) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))

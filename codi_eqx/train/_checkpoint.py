@@ -2,7 +2,7 @@
 
 A checkpoint holds:
 
-- `adapter/`: the EMA adapter in the project's format (`weights_conversion.save_adapter`), so
+- `adapter/`: the EMA adapter in the project's format (`codi_eqx.weights.save_adapter`), so
   that any checkpoint can be sampled from (`load_adapter(.../adapter)`);
 - `state.eqx`: every array leaf of the `TrainState` (step, trained and EMA parameters, optimiser
   state, PRNG key), written with `equinox.tree_serialise_leaves`; it is read back into a state
@@ -28,12 +28,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._atomic import atomic_path
+from ..errors import UsageError
+from ..weights import save_adapter
+
 CHECKPOINT_FORMAT = "codi-eqx-checkpoint"
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint that cannot be found or read."""
 
 
@@ -72,30 +76,6 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Optional[Pat
     return path
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove the temporary folders of checkpoint writes that did not finish."""
     root = checkpoints_dir(output_dir)
@@ -112,33 +92,15 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoint-{step}` atomically, then keep only the newest `total_limit`.
     `adapter_config`: entries added to the adapter's config.json (its `AdapterSettings`)."""
-    from weights_conversion import save_adapter
-
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(final, is_dir=True, durable=True) as tmp:
         save_adapter(adapter, tmp / "adapter", extra_config=adapter_config)
         eqx.tree_serialise_leaves(tmp / "state.eqx", state)
         (tmp / "data.json").write_text(json.dumps(data_state, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "checkpoint.json").write_text(json.dumps(
             {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step)}))
-        _fsync_tree(tmp)
-        if final.exists():
-            old = root / f".checkpoint-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)

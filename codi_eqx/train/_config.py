@@ -26,6 +26,7 @@ from ..distill._config import (
     Objective,
     OneStepODE,
 )
+from ..errors import UsageError
 
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -44,7 +45,7 @@ _OPTIM = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
 _DATA = {f.name: f.default for f in dataclasses.fields(DataConfig)}
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UsageError, ValueError):
     """An option, or a combination of options, that cannot run (a usage error)."""
 
 

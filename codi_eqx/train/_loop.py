@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CodiError
+from ..weights import save_adapter, save_unet
 from ._batches import StepBatches, open_cache
 from ._checkpoint import (
     clean_partial,
@@ -28,7 +30,7 @@ from ._signals import StopOnSignal
 from ._validation import Validation
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CodiError, RuntimeError):
     """Training stopped on a failure (a non-finite loss, ...); the message says what to do."""
 
 
@@ -237,16 +239,12 @@ class _Run:
     def save_final(self) -> None:
         """The EMA adapter at the top of the output folder (and the EMA UNet in `unet/` in
         full CoDi), each file renamed into place."""
-        from weights_conversion import save_adapter
-
         tmp = self.out / f".adapter.tmp-{os.getpid()}"
         save_adapter(self.state.ema.adapter, tmp, extra_config=self.settings.config_entry())
         for f in sorted(tmp.iterdir()):
             os.replace(f, self.out / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
         if self.state.ema.unet is not None:
-            from weights_conversion import save_unet
-
             save_unet(self.state.ema.unet, self.out / "unet")
 
     def report(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..weights import WeightsError
 from ._batches import open_cache
 from ._config import TrainConfig, TrainConfigError
 
@@ -72,8 +73,6 @@ def plan(config: TrainConfig) -> Plan:
 def _model_folder(config: TrainConfig, notes: list[str]) -> Path:
     """The model folder (a Hub id resolved through the local cache); notes on the seed's
     flags that mean nothing here."""
-    from weights_conversion import WeightsError
-
     from .._pipeline import resolve_model_path
 
     try:

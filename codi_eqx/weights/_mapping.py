@@ -123,7 +123,9 @@ def to_checkpoint_layout(a: np.ndarray, axes: tuple[int, ...] | None) -> np.ndar
     return a if axes is None else np.transpose(a, np.argsort(axes))
 
 
-def _summary(names: list[str], limit: int = 6) -> str:
+def summarise_keys(names, limit: int = 6) -> str:
+    """The first `limit` of `names` in sorted order, and how many more there are (for the
+    one-line messages that list tensors)."""
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -131,6 +133,12 @@ def _summary(names: list[str], limit: int = 6) -> str:
 
 def _is_param(x) -> bool:
     return isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray))
+
+
+def template_shapes(template: Any) -> dict[str, tuple[int, ...]]:
+    """Module key -> shape of every parameter of an `eqx.filter_eval_shape` template."""
+    leaves = jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_param)[0]
+    return {_path_to_key(p): tuple(x.shape) for p, x in leaves if _is_param(x)}
 
 
 def load_state(
@@ -192,16 +200,22 @@ def load_state(
         else:
             filled.append(jnp.array(src))
     unexpected = [by_key[k] for k in by_key if k not in used]
+    check_matched(what, missing=missing, unexpected=unexpected, misshapen=misshapen)
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def check_matched(what: str, *, missing=(), unexpected=(), misshapen=()) -> None:
+    """Raise one `WeightsError` naming the `missing`, `unexpected` and `misshapen` tensors of
+    `what`, if there are any."""
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_summary(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {summarise_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_summary(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarise_keys(unexpected)}")
     if misshapen:
-        problems.append(f"{len(misshapen)} tensor(s) of the wrong shape: {_summary(misshapen)}")
+        problems.append(f"{len(misshapen)} tensor(s) of the wrong shape: {summarise_keys(misshapen)}")
     if problems:
         raise WeightsError(f"{what}: weights do not match the config: " + "; ".join(problems))
-    return jax.tree_util.tree_unflatten(treedef, filled)
 
 
 def export_state(module: Any, name_map: NameMap, *, dtype: Any = None) -> dict[str, np.ndarray]:

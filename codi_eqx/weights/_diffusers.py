@@ -10,13 +10,16 @@ the conversion command.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
 from ._errors import WeightsError
+from ._mapping import NameMap, load_state
 from ._safetensors import SafetensorsFile
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -94,3 +97,23 @@ def find_weight_files(folder: str | Path, variant: Optional[str] = None) -> list
 def read_tensors(folder: str | Path, variant: Optional[str] = None) -> TensorSource:
     """All tensors of a component folder, memory-mapped."""
     return TensorSource([SafetensorsFile(p) for p in find_weight_files(folder, variant)])
+
+
+def load_folder(
+    folder: str | Path, config_class: Any, build: Callable[[Any], Any], name_map: NameMap, *,
+    dtype: Any = jnp.float32, variant: Optional[str] = None,
+    tensors: Optional[Callable[[], Mapping[str, np.ndarray]]] = None,
+) -> Any:
+    """The model of a component folder: its `config.json` read as `config_class`, the model
+    `build(config)` traced as a template, filled by `load_state` from the folder's tensors
+    (`tensors()` where given, else its safetensors weights, preferring `variant`)."""
+    folder = Path(folder)
+    try:
+        config = config_class.from_dict(read_config(folder))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f"{folder / 'config.json'}: unsupported config: {e}") from None
+    template = eqx.filter_eval_shape(lambda: build(config))
+    source = read_tensors(folder, variant) if tensors is None else tensors()
+    return load_state(template, source, name_map, dtype=dtype, what=str(folder))

@@ -19,6 +19,7 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
+from .._atomic import atomic_path
 from ._errors import WeightsError
 
 _DTYPES: dict[str, np.dtype] = {
@@ -144,16 +145,8 @@ def save_file(
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for a in arrays:
-                f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
