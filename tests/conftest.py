@@ -29,6 +29,9 @@ def _use_session_cache() -> None:
     the top: the jaxtyping import hook must be in place before the package is first imported."""
     from codi_eqx._compilation_cache import enable_compilation_cache
 
+    if os.environ.get("CODI_TESTS_NO_COMPILATION_CACHE"):  # to measure what the cache saves
+        os.environ["CODI_NO_COMPILATION_CACHE"] = "1"
+        return
     os.environ["CODI_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
     os.environ.pop("CODI_NO_COMPILATION_CACHE", None)
     if (not jax.config.jax_enable_compilation_cache
