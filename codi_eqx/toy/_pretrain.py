@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from .._tiny_tokenizer import write_tiny_clip_tokenizer
-from ..diffusion import NoiseSchedule
+from ..diffusion import NoiseSchedule, add_noise
 from ..models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -201,10 +201,10 @@ def denoising_loss(model: Denoiser, vae: AutoencoderKL, schedule: NoiseSchedule,
     uniform timestep, predict the noise from the caption's embeddings."""
     def one(x, ids, key):
         kz, kt, ke = jax.random.split(key, 3)
-        z = jax.lax.stop_gradient(vae.encode(x).sample(kz) * vae.scaling_factor)
+        z = jax.lax.stop_gradient(vae.scale_latents(vae.encode(x).sample(kz)))
         t = jax.random.randint(kt, (), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(ke, z.shape)
-        zt = schedule.alpha(t) * z + schedule.sigma(t) * eps
+        zt = add_noise(z, eps, schedule.alpha(t), schedule.sigma(t))
         pred = model.unet(zt, t, model.text_encoder(ids))
         return jnp.mean((pred - eps) ** 2)
 
