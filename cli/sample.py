@@ -308,12 +308,11 @@ def _sample(
              f"{model}")
 
     use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
-    import jax.numpy as jnp
-
     from codi_eqx import load_adapter, load_pipeline
+    from codi_eqx._tree import FLOAT_DTYPES
     from codi_eqx.sampling import generate, image_grid
 
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    jdtype = FLOAT_DTYPES[dtype]
     try:
         pipe = load_pipeline(model, dtype=jdtype)
     except ValueError as e:  # a config this project cannot read

@@ -6,8 +6,13 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 T = TypeVar("T")
+
+FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""The parameter / compute dtypes by the names the CLI, the training config and a converted
+model's manifest spell them."""
 
 
 def cast_floating(tree: T, dtype: Any) -> T:

@@ -444,21 +444,25 @@ class AutoencoderKL(eqx.Module):
         """`unscale_latents(z, self.scaling_factor, self.shift_factor)`."""
         return unscale_latents(z, self.scaling_factor, self.shift_factor)
 
+    def encode_posterior(self, x: Float[Array, "c H W"]) -> DiagonalGaussianDistribution:
+        """`encode` computed in the encoder's dtype (`x` cast to it), the posterior's mean and
+        log-variance returned in float32 (what the loss and the latent cache read)."""
+        post = self.encode(x.astype(self.encoder.conv_in.weight.dtype))
+        return DiagonalGaussianDistribution(
+            post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32))
+
     def encode_latents(
         self, x: Float[Array, "c H W"], noise: Float[Array, "lc h w"]
     ) -> Float[Array, "lc h w"]:
-        """An image -> the diffusion model's latents: a sample of the posterior (computed in
-        float32 from the encoder's output, with the given standard-normal `noise`), scaled.
+        """An image -> the diffusion model's latents: a sample of the float32 posterior
+        (`encode_posterior`) with the given standard-normal `noise`, scaled.
 
-        **Arguments:** `x`, an image `(in_channels, H, W)` in `[-1, 1]` (cast to the
-        encoder's dtype); `noise`, `(latent_channels, H / f, W / f)`.
+        **Arguments:** `x`, an image `(in_channels, H, W)` in `[-1, 1]`; `noise`,
+        `(latent_channels, H / f, W / f)`.
 
         **Returns:** `scale_latents(mean + std * noise)`, float32.
         """
-        post = self.encode(x.astype(self.encoder.conv_in.weight.dtype))
-        post = DiagonalGaussianDistribution(
-            post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32))
-        return self.scale_latents(post.sample_from_noise(noise))
+        return self.scale_latents(self.encode_posterior(x).sample_from_noise(noise))
 
     def decode_latents(self, z: Float[Array, "lc h w"]) -> Float[Array, "cout H W"]:
         """The diffusion model's latents -> an image: `decode(unscale_latents(z))`, computed

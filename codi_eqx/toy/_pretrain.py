@@ -22,8 +22,8 @@ import json
 import math
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 import equinox as eqx
@@ -34,6 +34,7 @@ import optax
 
 from .._tiny_tokenizer import write_tiny_clip_tokenizer
 from ..diffusion import NoiseSchedule, add_noise
+from ..distill import ema_update
 from ..models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -237,8 +238,7 @@ def train_denoiser(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, *,
             model, vae, schedule, images, ids, key)
         updates, state = opt.update(grads, state, eqx.filter(model, eqx.is_array))
         model = eqx.apply_updates(model, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema,
-                           eqx.filter(model, eqx.is_array))
+        ema = ema_update(ema, eqx.filter(model, eqx.is_array), decay)
         return model, ema, state, loss
 
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="np").input_ids
