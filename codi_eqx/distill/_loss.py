@@ -111,8 +111,8 @@ def example_latents(frozen: Frozen, example: dict, posterior_noise) -> Float[Arr
     scaled for the diffusion model (`AutoencoderKL.encode_latents`; cached: with the batch's
     `scaling_factor` and, where given, `shift_factor`)."""
     if "latent_mean" in example:
-        post = DiagonalGaussianDistribution(example["latent_mean"].astype(jnp.float32),
-                                            example["latent_logvar"].astype(jnp.float32))
+        post = DiagonalGaussianDistribution(jnp.asarray(example["latent_mean"], jnp.float32),
+                                            jnp.asarray(example["latent_logvar"], jnp.float32))
         return scale_latents(post.sample_from_noise(posterior_noise), example["scaling_factor"],
                              example.get("shift_factor"))
     if frozen.vae is None:
