@@ -22,7 +22,7 @@ from ._common import (
     use_compilation_cache,
 )
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16")  # the keys of codi_eqx._tree.FLOAT_DTYPES (not imported at start-up)
 _IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -310,12 +310,11 @@ def _sample(
     use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
     import dataclasses
 
-    import jax.numpy as jnp
-
     from codi_eqx import load_adapter, load_pipeline, load_trained_unet
+    from codi_eqx._tree import FLOAT_DTYPES
     from codi_eqx.sampling import generate, image_grid
 
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    jdtype = FLOAT_DTYPES[dtype]
     try:
         pipe = load_pipeline(model, dtype=jdtype)
     except ValueError as e:  # a config this project cannot read

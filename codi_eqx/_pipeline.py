@@ -12,6 +12,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from . import weights
+from ._tree import FLOAT_DTYPES
 from .diffusion import NoiseSchedule
 from .models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 from .weights import WeightsError, load_text_encoder, load_unet, load_vae
@@ -54,7 +55,7 @@ MODEL_FORMAT = "codi-eqx-model"
 MODEL_FORMAT_VERSION = 1
 MODEL_MANIFEST = "codi_eqx.json"
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = FLOAT_DTYPES
 
 
 def read_manifest(root: str | os.PathLike) -> Optional[dict]:

@@ -32,6 +32,7 @@ from codi_eqx._pipeline import (
     read_manifest,
     resolve_model_path,
 )
+from codi_eqx._tree import FLOAT_DTYPES
 from codi_eqx.errors import CodiError, UsageError
 from codi_eqx.models import (
     AutoencoderKL,
@@ -64,7 +65,7 @@ from codi_eqx.weights import (
 from . import single_file as sf
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = FLOAT_DTYPES
 TARGETS = ("diffusers", "single-file", "original")
 """`to=`: `diffusers` (a ControlNetModel folder; for a whole model, a plain diffusers
 directory without this project's manifest), `single-file` / `original` (one safetensors file

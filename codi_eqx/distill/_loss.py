@@ -14,14 +14,25 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..diffusion import consistency_output, distill_timestep, from_x_eps, to_x_eps
+from .._model_output import guided_model_output
+from .._tree import cast_floating as cast_floating  # re-exported: its former home
+from ..diffusion import add_noise, consistency_output, distill_timestep, from_x_eps, to_x_eps
+from ..models import DiagonalGaussianDistribution, scale_latents
 from ._config import DistillConfig
 from ._state import Frozen, Trainable
 
 
-def cast_floating(tree, dtype):
-    """`tree` with its inexact arrays in `dtype` (the compute dtype of a forward pass)."""
-    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+def _compute_dtype(unet, cfg: DistillConfig):
+    return jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype is not None else unet.dtype
+
+
+def _unet_of(params: Optional[Trainable], frozen: Frozen):
+    unet = frozen.unet if (params is None or params.unet is None) else params.unet
+    if unet is None:
+        raise ValueError(
+            "no UNet: full CoDi needs params.unet, and Frozen.unet (the pretrained UNet) for "
+            "the onestepode='uncontrol' teacher")
+    return unet
 
 
 def model_output(
@@ -32,26 +43,10 @@ def model_output(
     """F(z, t): the UNet's raw output with the adapter's residuals added (`use_adapter`),
     computed in `cfg.compute_dtype` (None: the UNet's dtype) from the weights as stored (the
     float32 masters are cast), returned in float32. The UNet is the trained one in full CoDi
-    (`params.unet`), else the frozen one (`params` None: the frozen UNet alone)."""
-    unet = frozen.unet if (params is None or params.unet is None) else params.unet
-    if unet is None:
-        raise ValueError(
-            "no UNet: full CoDi needs params.unet, and Frozen.unet (the pretrained UNet) for "
-            "the onestepode='uncontrol' teacher")
-    dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype is not None else unet.dtype
-    unet = cast_floating(unet, dtype)
-    down = mid = None
-    if use_adapter:
-        adapter = cast_floating(params.adapter, dtype)
-        down, mid = adapter(
-            z.astype(dtype), t, text, cond if cfg.distill_type == "conditional" else None,
-            conditioning_scale=cfg.conditioning_scale,
-        )
-    out = unet(
-        z.astype(dtype), t, text,
-        down_block_additional_residuals=down, mid_block_additional_residual=mid,
-    )
-    return out.astype(jnp.float32)
+    (`params.unet`), else the frozen one (`params` None: the frozen UNet alone).
+    `codi_eqx.sampling.model_output` with the models and options that `params`, `frozen`
+    and `cfg` choose."""
+    return guided_output(params, frozen, z, t, text, cond, cfg, None, use_adapter=use_adapter)
 
 
 def guided_output(
@@ -59,15 +54,15 @@ def guided_output(
     w: Optional[Float[Array, ""]], *, use_adapter: bool = True,
 ) -> Float[Array, "c h w"]:
     """F(c_null) + w (F(c_txt) - F(c_null)), both halves in one batched pass (conditional
-    first, then unconditional); a plain conditional pass when `w` is None."""
-    if w is None:
-        return model_output(params, frozen, z, t, text, cond, cfg, use_adapter=use_adapter)
-    texts = jnp.stack([text.astype(jnp.float32), frozen.null_embedding.astype(jnp.float32)])
-    both = jax.vmap(
-        lambda c: model_output(params, frozen, z, t, c, cond, cfg, use_adapter=use_adapter)
-    )(texts)
-    f_cond, f_uncond = both[0], both[1]
-    return f_uncond + w * (f_cond - f_uncond)
+    first, then unconditional); a plain conditional pass when `w` is None.
+    `codi_eqx.sampling.guided_model_output` with the empty prompt's embedding as the
+    unconditional one."""
+    unet = _unet_of(params, frozen)
+    return guided_model_output(
+        unet, params.adapter if use_adapter else None, z, t, text, frozen.null_embedding,
+        cond if cfg.distill_type == "conditional" else None, w, cfg.conditioning_scale,
+        dtype=_compute_dtype(unet, cfg),
+    )
 
 
 class ExampleDraws(eqx.Module):
@@ -113,22 +108,16 @@ def draw_example(
 
 def example_latents(frozen: Frozen, example: dict, posterior_noise) -> Float[Array, "c h w"]:
     """x0: a sample of the VAE posterior (from the image, or from cached mean / logvar),
-    times the VAE scaling factor."""
+    scaled for the diffusion model (`AutoencoderKL.encode_latents`; cached: with the batch's
+    `scaling_factor` and, where given, `shift_factor`)."""
     if "latent_mean" in example:
-        mean = example["latent_mean"].astype(jnp.float32)
-        logvar = jnp.clip(example["latent_logvar"].astype(jnp.float32), -30.0, 20.0)
-        scaling, shift = example["scaling_factor"], None
-    else:
-        if frozen.vae is None:
-            raise ValueError("batches without cached latents need the VAE")
-        post = frozen.vae.encode(example["pixel_values"].astype(frozen.vae.encoder.conv_in.weight.dtype))
-        mean = post.mean.astype(jnp.float32)
-        logvar = post.logvar.astype(jnp.float32)
-        scaling, shift = frozen.vae.scaling_factor, frozen.vae.shift_factor
-    x = mean + jnp.exp(0.5 * logvar) * posterior_noise
-    if shift is not None:
-        x = x - shift
-    return x * scaling
+        post = DiagonalGaussianDistribution(jnp.asarray(example["latent_mean"], jnp.float32),
+                                            jnp.asarray(example["latent_logvar"], jnp.float32))
+        return scale_latents(post.sample_from_noise(posterior_noise), example["scaling_factor"],
+                             example.get("shift_factor"))
+    if frozen.vae is None:
+        raise ValueError("batches without cached latents need the VAE")
+    return frozen.vae.encode_latents(example["pixel_values"], posterior_noise)
 
 
 def example_text(frozen: Frozen, example: dict) -> Float[Array, "seq d"]:
@@ -153,7 +142,7 @@ def diffusion_loss(
     cond = example.get("conditioning_pixel_values") if cfg.distill_type == "conditional" else None
     t = draws.t
     a_t, s_t = schedule.alpha(t), schedule.sigma(t)
-    z_t = a_t * x0 + s_t * draws.noise
+    z_t = add_noise(x0, draws.noise, a_t, s_t)
     target = from_x_eps(x0, draws.noise, a_t, s_t, cfg.prediction_type)
     f = model_output(params, frozen, z_t, t, text, cond, cfg)
     loss = jnp.mean(jnp.square(f - target))
@@ -215,7 +204,7 @@ def example_loss(
     t, s = draws.t, draws.s
     a_t, s_t = schedule.alpha(t), schedule.sigma(t)
     a_s, s_s = schedule.alpha(s), schedule.sigma(s)
-    z_t = a_t * x0 + s_t * draws.noise
+    z_t = add_noise(x0, draws.noise, a_t, s_t)
     ptype = cfg.prediction_type
     scal = dict(sigma_data=cfg.sigma_data, timestep_scaling=cfg.distill_timestep_scaling)
 
@@ -235,7 +224,8 @@ def example_loss(
     else:
         f_teacher = teacher_output(params, ema, frozen, z_t, t, text, cond, cfg, draws.w)
     x_hat, eps_hat = to_x_eps(f_teacher, z_t, a_t, s_t, ptype)
-    z_s = jax.lax.stop_gradient(a_s * x_hat + s_s * (draws.noise if cfg.onestepode_true_noise else eps_hat))
+    z_s = jax.lax.stop_gradient(
+        add_noise(x_hat, draws.noise if cfg.onestepode_true_noise else eps_hat, a_s, s_s))
 
     # 4. Target with the EMA parameters, without gradient.
     f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w)

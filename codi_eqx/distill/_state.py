@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._tree import cast_floating
 from ..diffusion import NoiseSchedule
 from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
 
@@ -46,16 +46,12 @@ class TrainState(eqx.Module):
     tx: optax.GradientTransformation = eqx.field(static=True)
 
 
-def _float32(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, tree)
-
-
 def init_train_state(
     params: Trainable, tx: optax.GradientTransformation, *, key: PRNGKeyArray
 ) -> TrainState:
     """A fresh state: float32 master weights, EMA equal to them, optimiser state on the
     inexact arrays of `params`."""
-    params = _float32(params)
+    params = cast_floating(params, jnp.float32)
     opt_state = tx.init(eqx.filter(params, eqx.is_inexact_array))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema=params, opt_state=opt_state,

@@ -4,6 +4,7 @@ inside, optimiser and EMA updates after."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Union
 
 import equinox as eqx
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float
 
 from ..parallel import DATA
 from ._config import DistillConfig
@@ -28,8 +30,9 @@ def metric_names(cfg: DistillConfig) -> tuple[str, ...]:
     return DIFFUSION_METRIC_NAMES if cfg.objective == "controlnet" else METRIC_NAMES
 
 
-def ema_update(ema, params, decay: float):
-    """theta_minus <- decay * theta_minus + (1 - decay) * theta, on the inexact arrays."""
+def ema_update(ema, params, decay: Union[float, Float[Array, ""]]):
+    """theta_minus <- decay * theta_minus + (1 - decay) * theta, on the inexact arrays (the
+    training step's EMA, and the toy teacher pretraining's)."""
     return jax.tree.map(
         lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype) if eqx.is_inexact_array(e) else e,
         ema, params,

@@ -9,3 +9,5 @@ from ._unet import UNet2DConditionModel as UNet2DConditionModel
 from ._vae import AutoencoderKL as AutoencoderKL
 from ._vae import AutoencoderKLConfig as AutoencoderKLConfig
 from ._vae import DiagonalGaussianDistribution as DiagonalGaussianDistribution
+from ._vae import scale_latents as scale_latents
+from ._vae import unscale_latents as unscale_latents

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._tree import cast_floating
 from .._typing import Timestep
 from ..nn import Conv2d
 from ._unet import (
@@ -217,9 +218,7 @@ class ControlNetModel(eqx.Module):
         template = eqx.filter_eval_shape(
             lambda: cls(config, dtype=jnp.float32, remat=unet.remat, key=key)
         )
-        f32 = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: jnp.asarray(a, jnp.float32) if eqx.is_inexact_array(a) else a, tree
-        )
+        f32 = lambda tree: cast_floating(tree, jnp.float32)  # noqa: E731
         cfg = unet.config
         cond = (
             ControlNetConditioningEmbedding(

@@ -171,8 +171,11 @@ class DiagonalGaussianDistribution(eqx.Module):
 
     def sample(self, key: PRNGKeyArray) -> Float[Array, "c h w"]:
         """`mean + std * eps` with `eps ~ N(0, 1)` drawn from `key`, in the mean's dtype."""
-        eps = jax.random.normal(key, self.mean.shape, self.mean.dtype)
-        return self.mean + self.std * eps
+        return self.sample_from_noise(jax.random.normal(key, self.mean.shape, self.mean.dtype))
+
+    def sample_from_noise(self, eps: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        """`mean + std * eps` for a given standard-normal `eps` (cast to the mean's dtype)."""
+        return self.mean + self.std * eps.astype(self.mean.dtype)
 
     def mode(self) -> Float[Array, "c h w"]:
         return self.mean
@@ -348,13 +351,43 @@ class Decoder(eqx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
+def scale_latents(
+    z: Float[Array, "*shape"], scaling_factor: Union[float, Float[Array, ""]],
+    shift_factor: Optional[Union[float, Float[Array, ""]]] = None,
+) -> Float[Array, "*shape"]:
+    """VAE latents -> the diffusion model's latents: `(z - shift_factor) * scaling_factor`
+    (no shift where `shift_factor` is None). The inverse is `unscale_latents`.
+
+    **Arguments:** `z`, latents of the VAE's posterior; `scaling_factor` and `shift_factor`,
+    the VAE config's (scalars: Python floats, or arrays, e.g. per example from a latent cache).
+
+    **Returns:** the scaled latents, shaped like `z`.
+    """
+    if shift_factor is not None:
+        z = z - shift_factor
+    return z * scaling_factor
+
+
+def unscale_latents(
+    z: Float[Array, "*shape"], scaling_factor: Union[float, Float[Array, ""]],
+    shift_factor: Optional[Union[float, Float[Array, ""]]] = None,
+) -> Float[Array, "*shape"]:
+    """The diffusion model's latents -> VAE latents (what `decode` reads):
+    `z / scaling_factor + shift_factor`, the inverse of `scale_latents`."""
+    z = z / scaling_factor
+    if shift_factor is not None:
+        z = z + shift_factor
+    return z
+
+
 class AutoencoderKL(eqx.Module):
     """The Stable Diffusion VAE.
 
     `encode(x)` gives the posterior over latents; `decode(z)` maps latents back to an image.
-    Neither applies `scaling_factor` / `shift_factor`: callers scale latents for the diffusion
-    model as `(z - shift_factor) * scaling_factor` and undo that before `decode`.
-    Computation runs in the parameters' dtype (normalisations in float32).
+    Neither applies `scaling_factor` / `shift_factor`: `encode_latents` / `decode_latents`
+    (or `scale_latents` / `unscale_latents` around `encode` / `decode`) do, as
+    `(z - shift_factor) * scaling_factor` for the diffusion model and the inverse before
+    decoding. Computation runs in the parameters' dtype (normalisations in float32).
     """
 
     encoder: Encoder
@@ -402,3 +435,37 @@ class AutoencoderKL(eqx.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def scale_latents(self, z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+        """`scale_latents(z, self.scaling_factor, self.shift_factor)`."""
+        return scale_latents(z, self.scaling_factor, self.shift_factor)
+
+    def unscale_latents(self, z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+        """`unscale_latents(z, self.scaling_factor, self.shift_factor)`."""
+        return unscale_latents(z, self.scaling_factor, self.shift_factor)
+
+    def encode_posterior(self, x: Float[Array, "c H W"]) -> DiagonalGaussianDistribution:
+        """`encode` computed in the encoder's dtype (`x` cast to it), the posterior's mean and
+        log-variance returned in float32 (what the loss and the latent cache read)."""
+        post = self.encode(x.astype(self.encoder.conv_in.weight.dtype))
+        return DiagonalGaussianDistribution(
+            post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32))
+
+    def encode_latents(
+        self, x: Float[Array, "c H W"], noise: Float[Array, "lc h w"]
+    ) -> Float[Array, "lc h w"]:
+        """An image -> the diffusion model's latents: a sample of the float32 posterior
+        (`encode_posterior`) with the given standard-normal `noise`, scaled.
+
+        **Arguments:** `x`, an image `(in_channels, H, W)` in `[-1, 1]`; `noise`,
+        `(latent_channels, H / f, W / f)`.
+
+        **Returns:** `scale_latents(mean + std * noise)`, float32.
+        """
+        return self.scale_latents(self.encode_posterior(x).sample_from_noise(noise))
+
+    def decode_latents(self, z: Float[Array, "lc h w"]) -> Float[Array, "cout H W"]:
+        """The diffusion model's latents -> an image: `decode(unscale_latents(z))`, computed
+        in the decoder's dtype, returned in float32 (about `[-1, 1]`)."""
+        z = self.unscale_latents(z)
+        return self.decode(z.astype(self.decoder.conv_in.weight.dtype)).astype(jnp.float32)

@@ -13,10 +13,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
 from .._adapter_settings import AdapterSettings
+from .._model_output import guided_model_output
 from ..diffusion import (
     NoiseSchedule,
     check_epsilon_timesteps,
@@ -26,7 +27,7 @@ from ..diffusion import (
     ddim_timesteps,
 )
 from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
-from ._guided import guided_model_output
+from ..parallel import batch_sharding, make_mesh, replicate
 from ._options import SAMPLERS, sampling_options
 from ._samplers import codi_step
 
@@ -146,12 +147,9 @@ def _decode_batch(vae: AutoencoderKL, z: Float[Array, "b c h w"]) -> UInt8[Array
 
 
 def decode_latents(vae: AutoencoderKL, z: Float[Array, "c h w"]) -> UInt8[Array, "H W 3"]:
-    """Scaled latents -> an RGB image `(H, W, 3)`, uint8."""
-    z = z / vae.scaling_factor
-    if vae.shift_factor is not None:
-        z = z + vae.shift_factor
-    x = vae.decode(z.astype(vae.decoder.conv_in.weight.dtype)).astype(jnp.float32)
-    x = jnp.clip(x / 2 + 0.5, 0.0, 1.0)
+    """Scaled latents -> an RGB image `(H, W, 3)`, uint8 (`AutoencoderKL.decode_latents`,
+    then [-1, 1] -> [0, 255])."""
+    x = jnp.clip(vae.decode_latents(z) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(jnp.transpose(x, (1, 2, 0)) * 255).astype(jnp.uint8)
 
 
@@ -241,11 +239,12 @@ def _control_array(control_images: Any, n_prompts: int) -> np.ndarray:
 
 
 def _batch_sharding(batch: int) -> Optional[NamedSharding]:
-    devices = jax.devices()
-    if len(devices) <= 1 or batch % len(devices) != 0:
+    """The data-parallel sharding of a batch over all devices (`codi_eqx.parallel`), or None
+    where there is one device or the batch does not split evenly."""
+    n = jax.device_count()
+    if n <= 1 or batch % n != 0:
         return None
-    mesh = Mesh(np.asarray(devices), ("data",))
-    return NamedSharding(mesh, PartitionSpec("data"))
+    return batch_sharding(make_mesh())
 
 
 def generate(
@@ -365,8 +364,7 @@ def generate(
         schedule = dataclasses.replace(schedule, prediction_type=opts.prediction_type)
     models = (pipe.unet, pipe.vae, pipe.text_encoder, adapter, schedule)
     if sharding is not None:
-        replicated = NamedSharding(sharding.mesh, PartitionSpec())
-        models = eqx.filter_shard(models, replicated)
+        models = replicate(models, sharding.mesh)
     unet, vae, text_encoder, adapter, schedule = models
 
     def put(x):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ..diffusion import NoiseSchedule, c_out, c_skip, ddim_step, to_x_eps
+from ..diffusion import NoiseSchedule, add_noise, consistency_output, ddim_step, to_x_eps
 
 ModelFn = Callable[[Float[Array, "c h w"], Int[Array, ""]], Float[Array, "c h w"]]
 Steps = Union[Int[Array, " n"], Int[np.ndarray, " n"], tuple[int, ...], list[int]]
@@ -54,10 +54,10 @@ def codi_step(
     s = jnp.asarray(s, jnp.int32)
     f = model_fn(z, t)
     x_hat, eps_hat = to_x_eps(f, z, schedule.alpha(t), schedule.sigma(t), schedule.prediction_type)
-    x = c_skip(t, sigma_data, timestep_scaling) * z + c_out(t, sigma_data, timestep_scaling) * x_hat
+    x = consistency_output(z, x_hat, t, sigma_data, timestep_scaling)
     if isinstance(last, bool) and last:
         return x.astype(z.dtype)
-    renoised = schedule.alpha(s) * x + schedule.sigma(s) * eps_hat
+    renoised = add_noise(x, eps_hat, schedule.alpha(s), schedule.sigma(s))
     return jnp.where(last, x, renoised).astype(z.dtype)
 
 

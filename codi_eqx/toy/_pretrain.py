@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from .._tiny_tokenizer import write_tiny_clip_tokenizer
-from ..diffusion import NoiseSchedule
+from ..diffusion import NoiseSchedule, add_noise
+from ..distill import ema_update
 from ..models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -201,10 +202,10 @@ def denoising_loss(model: Denoiser, vae: AutoencoderKL, schedule: NoiseSchedule,
     uniform timestep, predict the noise from the caption's embeddings."""
     def one(x, ids, key):
         kz, kt, ke = jax.random.split(key, 3)
-        z = jax.lax.stop_gradient(vae.encode(x).sample(kz) * vae.scaling_factor)
+        z = jax.lax.stop_gradient(vae.scale_latents(vae.encode(x).sample(kz)))
         t = jax.random.randint(kt, (), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(ke, z.shape)
-        zt = schedule.alpha(t) * z + schedule.sigma(t) * eps
+        zt = add_noise(z, eps, schedule.alpha(t), schedule.sigma(t))
         pred = model.unet(zt, t, model.text_encoder(ids))
         return jnp.mean((pred - eps) ** 2)
 
@@ -237,8 +238,7 @@ def train_denoiser(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, *,
             model, vae, schedule, images, ids, key)
         updates, state = opt.update(grads, state, eqx.filter(model, eqx.is_array))
         model = eqx.apply_updates(model, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema,
-                           eqx.filter(model, eqx.is_array))
+        ema = ema_update(ema, eqx.filter(model, eqx.is_array), decay)
         return model, ema, state, loss
 
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="np").input_ids

@@ -22,12 +22,11 @@ class Encoders:
 
         self.pipe, self.batch_size = pipe, batch_size
         self.images = self.captions = 0
-        dtype = pipe.vae.encoder.conv_in.weight.dtype
 
         def posterior(vae, x):
             def one(im):
-                post = vae.encode(im.astype(dtype))
-                return post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32)
+                post = vae.encode_posterior(im)
+                return post.mean, post.logvar
             return jax.vmap(one)(x)
 
         def texts(text_encoder, ids):
@@ -100,11 +99,11 @@ class StepBatches:
         else:
             enc = self.cache.encode(raw, self.encoders.encode_images, self.encoders.encode_texts)
             mean = enc["latent_mean"]
-            if self.shift is not None:  # (z - shift) * scaling == (mean - shift + std eps) * scaling
-                mean = mean - np.float32(self.shift)
             batch = {"latent_mean": mean, "latent_logvar": enc["latent_logvar"],
                      "scaling_factor": np.full((len(mean),), self.scaling, np.float32),
                      "text_embeddings": enc["text_embeddings"]}
+            if self.shift is not None:  # the step's example_latents applies it, as for images
+                batch["shift_factor"] = np.full((len(mean),), self.shift, np.float32)
         if self.conditional:
             batch["conditioning_pixel_values"] = raw["conditioning_pixel_values"]
         return batch

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._tree import FLOAT_DTYPES
 from ..errors import CodiError
 from ..weights import save_adapter, save_unet
 from ._batches import StepBatches, open_cache
@@ -157,7 +158,6 @@ class _Run:
 
     def __init__(self, config: TrainConfig, p: Plan, cache, out: Path):
         import jax
-        import jax.numpy as jnp
 
         from .._pipeline import load_pipeline
         from ..data import DataLoader
@@ -166,8 +166,7 @@ class _Run:
         from ..parallel import make_mesh
 
         self.config, self.out = config, out
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
-            config.dtype_name]
+        dtype = FLOAT_DTYPES[config.dtype_name]
         pipe = self.pipe = load_pipeline(p.model_path, dtype=dtype,
                                          remat=config.gradient_checkpointing)
         self.settings = adapter_settings(config, p, pipe.prediction_type)

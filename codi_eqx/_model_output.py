@@ -1,5 +1,6 @@
-"""The model output a sampler steps with: UNet (plus the adapter's residuals), with or without
-classifier-free guidance.
+"""The raw model output `F(z, t)`: the UNet, plus the adapter's residuals, with or without
+classifier-free guidance. One definition, shared by the distillation loss
+(`codi_eqx.distill`), the samplers and `generate` (`codi_eqx.sampling`).
 
 Wherever the conditional and unconditional passes share one batch, the order is fixed:
 conditional first, unconditional second (the original release concatenated in one order and
@@ -8,17 +9,24 @@ split in the other). The condition image goes to both halves.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ..diffusion import classifier_free_guidance
-from ..models import ControlNetModel, UNet2DConditionModel
+from ._tree import cast_floating
+from .diffusion import classifier_free_guidance
+from .models import ControlNetModel, UNet2DConditionModel
 
 ScaleLike = Union[float, int, Float[Array, ""]]
 TimestepArg = Union[int, Int[Array, ""], Float[Array, ""]]
+
+
+def _cast_models(unet, adapter, dtype):
+    if dtype is None:
+        return unet, adapter
+    return cast_floating(unet, dtype), None if adapter is None else cast_floating(adapter, dtype)
 
 
 def model_output(
@@ -29,12 +37,14 @@ def model_output(
     text_emb: Float[Array, "seq d"],
     control_image: Optional[Float[Array, "3 H W"]] = None,
     conditioning_scale: ScaleLike = 1.0,
+    *,
+    dtype: Any = None,
 ) -> Float[Array, "c h w"]:
     """The raw output `F(z, t)` of the UNet, with the adapter's residuals when there is one.
 
     **Arguments:**
 
-    - `unet`: the (frozen) UNet.
+    - `unet`: the UNet (frozen, or trained in full CoDi).
     - `adapter`: the adapter, or None for the UNet alone.
     - `z`: noisy latents `(C, h, w)` (float32; cast to the models' dtype for the call).
     - `t`: the integer timestep.
@@ -42,14 +52,17 @@ def model_output(
     - `control_image`: the condition image `(3, 8h, 8w)` in [0, 1], or None (an adapter
       without a condition encoder, or no adapter).
     - `conditioning_scale`: multiplies the adapter's residuals.
+    - `dtype`: the compute dtype: the models' floating weights are cast to it first (float32
+      masters computed in bfloat16); None computes in the weights' own dtypes.
 
     **Returns:** `F`, shaped like `z`, float32.
     """
+    unet, adapter = _cast_models(unet, adapter, dtype)
     down, mid = None, None
     if adapter is not None:
         down, mid = adapter(
             z.astype(adapter.dtype), t, text_emb, control_image,
-            conditioning_scale=jnp.asarray(conditioning_scale, jnp.float32),
+            conditioning_scale=conditioning_scale,
         )
     out = unet(
         z.astype(unet.dtype), t, text_emb,
@@ -66,21 +79,27 @@ def guided_model_output(
     cond_emb: Float[Array, "seq d"],
     uncond_emb: Float[Array, "seq d"],
     control_image: Optional[Float[Array, "3 H W"]] = None,
-    guidance_scale: ScaleLike = 1.0,
+    guidance_scale: Optional[ScaleLike] = 1.0,
     conditioning_scale: ScaleLike = 1.0,
+    *,
+    dtype: Any = None,
 ) -> Float[Array, "c h w"]:
-    """`F = F(uncond) + w * (F(cond) - F(uncond))` for one example.
+    """`F = F(uncond) + w * (F(cond) - F(uncond))` for one example
+    (`codi_eqx.diffusion.classifier_free_guidance`).
 
-    A Python `guidance_scale` equal to 1 runs the conditional pass alone (`uncond_emb` unused);
-    any other value (or an array, traced or not) runs both passes as one batch of two,
-    conditional first, the condition image given to both.
+    `guidance_scale` None, or a Python number equal to 1, runs the conditional pass alone
+    (`uncond_emb` unused); any other value (or an array, traced or not) runs both passes as one
+    batch of two, conditional first, the condition image given to both.
 
     **Arguments:** as `model_output`, with `cond_emb` / `uncond_emb` the prompt's and the
-    negative prompt's embeddings `(L, D)` and `guidance_scale` the weight `w`.
+    negative (or empty) prompt's embeddings `(L, D)` and `guidance_scale` the weight `w`.
 
     **Returns:** the guided output, shaped like `z`, float32.
     """
-    if isinstance(guidance_scale, (int, float)) and guidance_scale == 1:
+    unet, adapter = _cast_models(unet, adapter, dtype)
+    if guidance_scale is None or (
+        isinstance(guidance_scale, (int, float)) and guidance_scale == 1
+    ):
         return model_output(unet, adapter, z, t, cond_emb, control_image, conditioning_scale)
     embs = jnp.stack([cond_emb, uncond_emb.astype(cond_emb.dtype)])  # (cond, uncond)
     both = jax.vmap(
