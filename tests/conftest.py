@@ -114,7 +114,9 @@ _SLOW_CASES = {
     "test_distill.py::test_option_combinations_run[online-odecfg-truenoise]",
     "test_distill.py::test_option_combinations_run[full-codi]",
     "test_distill.py::test_option_combinations_run[bf16]",
+    "test_distill.py::test_option_combinations_run[unconditional-shared]",
     "test_distill.py::test_teacher_pass_shared_with_online_equals_separate[True]",
+    "test_distill.py::test_teacher_pass_shared_with_online_equals_separate[False]",
 }
 
 

@@ -92,6 +92,7 @@ def test_unrolled_accumulation_has_no_slow_convolution(accumulated):
     assert not slow_convolutions(hlo)
 
 
+@pytest.mark.slow
 def test_scan_accumulation_is_detected_as_slow(accumulated):
     # The check can fail: the same step with the micro-batches in a lax.scan puts every
     # network convolution inside the while loop.

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_tiny import UNET, VAE, perturb, tiny_models
+from helpers import UNET, VAE, perturb, tiny_models
 
 from codi_eqx import distill
 from codi_eqx._tree import cast_floating
