@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import equinox as eqx
@@ -30,6 +31,14 @@ from codi_eqx.models import (
     UNet2DConditionModel,
 )
 from codi_eqx.parallel import make_mesh, replicate, shard_batch
+
+def xla_flags(devices: int) -> str:
+    """This session's XLA flags (tests/conftest.py: the optimisation level) with `devices`
+    simulated CPU devices, for a child process whose numbers are compared with this one's."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+",
+                  f"--xla_force_host_platform_device_count={devices}",
+                  os.environ.get("XLA_FLAGS", ""))
+
 
 # ==========================================================================================
 # Tiny random models built with diffusers / transformers (PyTorch), saved in diffusers' format
@@ -254,7 +263,11 @@ def perturb(model, key, scale: float = 0.05):
     return jax.tree.unflatten(treedef, out)
 
 
+@functools.cache
 def tiny_models(seed: int = 0, prediction_type: str = "epsilon"):
+    """(UNet, VAE, text encoder, schedule), seeded. Built once per process: building runs
+    every initialiser eagerly, one small compile each (about 170 for the three models,
+    tens of seconds), and jax arrays are immutable, so the tests share them."""
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     unet = UNet2DConditionModel(UNET, key=k1)
     vae = AutoencoderKL(VAE, key=k2)
@@ -311,7 +324,10 @@ def distill_batch(n=4, seed=0, with_pixels=False):
     return b
 
 
+@functools.cache
 def distill_setup(prediction_type="epsilon", conditioning_channels=3, perturbed=True, full=False, dtype=jnp.float32):
+    """(Frozen, Trainable) for the distillation tests; built once per process per options
+    (see `tiny_models`)."""
     unet, vae, text, sched = tiny_models(prediction_type=prediction_type)
     adapter = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels, key=jax.random.key(1))
     if perturbed:

@@ -3,9 +3,13 @@ localhost with CPU collectives; prints this process's view of the step's metrics
 
 import json
 import os
+import re
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# 2 devices, and otherwise the test session's flags (its optimisation level: tests/conftest.py).
+os.environ["XLA_FLAGS"] = re.sub(
+    r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+) + " --xla_force_host_platform_device_count=2"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -74,33 +74,39 @@ def entries(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny `codi sample` four times, each in its own process, two at a time (compiling is
-    single-threaded): into an empty cache, the same again, with --no-compilation-cache, and
-    with a cache folder that cannot be made."""
+def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    model = make_tiny_pipeline(root / "model")
+    make_tiny_pipeline(root / "model")
     (root / "a-file").write_text("")
+    return root
 
-    def sample(name, *extra, env=None):
-        return start(root, name, "sample", "--model", model, "--prompt", "a cat", "--steps", 2,
-                     "--output", root / f"{name}.png", *extra, env=env)
 
-    cached = ("--compilation_cache_dir", root / "cache")
-    first = sample("first", *cached)
+def _sample(root, name, *extra, env=None):
+    return start(root, name, "sample", "--model", root / "model", "--prompt", "a cat",
+                 "--steps", 2, "--output", root / f"{name}.png", *extra, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    """A tiny `codi sample` twice, each in its own process: into an empty cache, then the
+    same again (the kebab-case spelling of the flag)."""
+    first = finish(_sample(root, "first", "--compilation_cache_dir", root / "cache"))
+    written = entries(root / "cache")
+    second = finish(_sample(root, "second", "--compilation-cache-dir", root / "cache"))
+    return dict(root=root, first=first, second=second, written=written)
+
+
+@pytest.fixture(scope="module")
+def switches(root):
+    """Two more, side by side (compiling is single-threaded): with --no-compilation-cache,
+    and with a cache folder that cannot be made."""
     # The off switch wins over every way of naming a folder, jax's own variable included.
-    off = sample("off", "--no-compilation-cache", env={
+    off = _sample(root, "off", "--no-compilation-cache", env={
         "CODI_COMPILATION_CACHE_DIR": str(root / "off"),
         "JAX_COMPILATION_CACHE_DIR": str(root / "off")})
-    first, off = finish(first), finish(off)
-    written = entries(root / "cache")
-    # The kebab-case twin, in a fresh process.
-    second = sample("second", "--compilation-cache-dir", root / "cache")
     bad = root / "a-file" / "cache"  # cannot be made, even by root
-    unwritable = sample("unwritable", "--compilation_cache_dir", bad)
-    second, unwritable = finish(second), finish(unwritable)
-    return dict(root=root, first=first, second=second, off=off, unwritable=unwritable,
-                written=written, bad=bad)
+    unwritable = _sample(root, "unwritable", "--compilation_cache_dir", bad)
+    return dict(root=root, off=finish(off), unwritable=finish(unwritable), bad=bad)
 
 
 def test_second_process_loads_every_program_from_the_cache(runs):
@@ -120,7 +126,9 @@ def test_second_process_loads_every_program_from_the_cache(runs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_no_compilation_cache_writes_nothing(runs):
+@pytest.mark.slow
+def test_no_compilation_cache_writes_nothing(switches):
+    runs = switches
     err, events, _, _ = runs["off"]
     assert not (runs["root"] / "off").exists(), sorted(entries(runs["root"] / "off"))
     assert events.get(REQUESTS, 0) == 0 and events.get(HITS, 0) == 0, events
@@ -128,7 +136,9 @@ def test_no_compilation_cache_writes_nothing(runs):
     assert (runs["root"] / "off.png").is_file() and "compilation cache" not in err
 
 
-def test_unwritable_folder_is_a_note_and_the_run_goes_on(runs):
+@pytest.mark.slow
+def test_unwritable_folder_is_a_note_and_the_run_goes_on(switches):
+    runs = switches
     err, events, _, _ = runs["unwritable"]
     notes = [line for line in err.splitlines() if "compilation cache" in line]
     assert len(notes) == 1 and notes[0].startswith("note:") and str(runs["bad"]) in notes[0], err

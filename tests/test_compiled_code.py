@@ -2,6 +2,8 @@
 (none loop-emitted, none inside a `while` loop), and the loop-free forms compute what the
 `lax.scan` forms compute."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -49,24 +51,53 @@ def _state(setup):
     return replicate(distill.init_train_state(distill.Trainable(adapter), tx, key=jax.random.key(2)), mesh)
 
 
-def _step(setup, accum, loop):
+def _step(setup, accum, loop, cfg_aware=True):
     _, _, _, mesh, _, ocfg, _ = setup
     return distill.make_train_step(
-        distill.DistillConfig(cfg_aware_distill=True), mesh, gradient_accumulation_steps=accum,
+        distill.DistillConfig(cfg_aware_distill=cfg_aware), mesh, gradient_accumulation_steps=accum,
         lr_fn=distill.lr_schedule(ocfg), accumulation_loop=loop,
     )
 
 
-def _compile(setup, accum, loop, batch):
+def _lower(setup, accum, loop, batch, cfg_aware=True):
     _, _, _, mesh, frozen, _, _ = setup
     batch = shard_batch(batch, mesh)
-    compiled = _step(setup, accum, loop).lower(frozen, _state(setup), batch).compile()
+    return _step(setup, accum, loop, cfg_aware).lower(frozen, _state(setup), batch), batch
+
+
+def _compile(setup, accum, loop, batch):
+    _, _, _, mesh, frozen, _, _ = setup
+    lowered, batch = _lower(setup, accum, loop, batch)
+    compiled = lowered.compile()
     run = lambda: compiled((frozen, batch), _state(setup))  # noqa: E731
     return compiled.compiled.as_text(), run
 
 
-def test_train_step_has_no_slow_convolution(setup):
-    hlo, _ = _compile(setup, 1, "unrolled", _batch(2))
+@pytest.fixture(scope="module")
+def one_step(setup):
+    """The step with one micro-batch, the default options (unguided: half the passes of the
+    accumulation tests' guidance-aware step): (lowered, optimised HLO, state, batch)."""
+    lowered, batch = _lower(setup, 1, "unrolled", _batch(2), cfg_aware=False)
+    return lowered, lowered.compile().compiled.as_text(), _state(setup), batch
+
+
+def test_step_donates_the_state_only(one_step):
+    """The state's buffers are recycled; the frozen weights and the batch stay valid, so a
+    caller may reuse a batch (XLA would otherwise take a batch buffer for any output of the
+    same shape, as it does for SD1.5-sized steps)."""
+    lowered, _, state, batch = one_step
+    [main] = [line for line in lowered.as_text().splitlines() if "func.func public @main" in line]
+    args = re.findall(r"%arg\d+: [^%]*", main)
+    donated = [a for a in args if "buffer_donor" in a or "aliasing_output" in a]
+    n_state = len([x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)])
+    assert len(donated) == n_state
+    batch_args = [a for a in args if '"data"' in a]  # the inputs split over the mesh
+    assert len(batch_args) == len(batch)
+    assert not any(a in donated for a in batch_args), "a batch input is donated"
+
+
+def test_train_step_has_no_slow_convolution(one_step):
+    hlo = one_step[1]
     convs = convolutions(hlo)
     assert len(convs) > 100  # teacher, target, online passes and the backward
     slow = slow_convolutions(hlo)
@@ -138,6 +169,7 @@ def test_sampler_step_has_no_slow_convolution(setup, sampler, cfg):
     assert not slow_convolutions(hlo)
 
 
+@pytest.mark.slow
 def test_unrolled_sampler_has_no_slow_convolution_and_scan_does(setup):
     unet, _, sched, _, _, _, _ = setup
     cond = jax.random.normal(jax.random.key(1), (8, UNET.cross_attention_dim[0]))

@@ -66,7 +66,7 @@ def test_diffusion_loss_matches_the_formula(ptype):
         a, s = alpha_sigma(t)
         z = a * x0 + s * eps
         target = eps if ptype == "epsilon" else a * eps - s * x0
-        f = np.asarray(F(params.adapter, frozen.unet, jnp.asarray(z, jnp.float32), t,
+        f = np.asarray(F(params.adapter, frozen.unet, jnp.asarray(z, jnp.float32), jnp.int32(t),
                          ex["text_embeddings"], ex["conditioning_pixel_values"]))
         expected = np.mean((f - target) ** 2)
         print(f"[controlnet loss] {ptype} example {i} (t={t}): ours {float(losses[i]):.6e} "

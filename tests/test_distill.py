@@ -2,7 +2,6 @@
 train step's learning, data parallelism and accumulation equal to one device, one compile."""
 
 import math
-import re
 
 import equinox as eqx
 import jax
@@ -68,6 +67,8 @@ def test_fresh_adapter_loss_matches_the_formulas(ptype, options):
     losses, aux = ours(params, frozen, batch)
 
     # With the zero convolutions at zero, UNet + adapter is the UNet: evaluate the UNet alone.
+    # The timestep goes in as an array: a Python int is static under filter_jit (a compile
+    # per timestep).
     unet = eqx.filter_jit(lambda z, t, c: frozen.unet(z, t, c))
     alpha_sigma = np_schedule()
     for i in range(2):
@@ -84,10 +85,10 @@ def test_fresh_adapter_loss_matches_the_formulas(ptype, options):
         c_txt, c_null = ex["text_embeddings"], frozen.null_embedding
 
         def F(z, tt, guided):
-            cond = np.asarray(unet(jnp.asarray(z, jnp.float32), tt, c_txt))
+            cond = np.asarray(unet(jnp.asarray(z, jnp.float32), jnp.int32(tt), c_txt))
             if not guided:
                 return cond
-            unc = np.asarray(unet(jnp.asarray(z, jnp.float32), tt, c_null))
+            unc = np.asarray(unet(jnp.asarray(z, jnp.float32), jnp.int32(tt), c_null))
             return unc + w * (cond - unc)
 
         x_hat, eps_hat = _convert(F(z_t, t, cfg.onestepode_cfg), z_t, a_t, s_t, ptype)
@@ -213,6 +214,9 @@ def test_option_combinations_run(options):
         assert state.params.adapter.conv_in.weight.dtype == jnp.float32
 
 
+# (The step donates the state only: tests/test_compiled_code.py, on the step it compiles.)
+
+
 def test_bad_options_are_refused():
     with pytest.raises((ValueError, TypeError), match="onestepode"):
         distill.DistillConfig(onestepode="sometimes")
@@ -220,28 +224,6 @@ def test_bad_options_are_refused():
         distill.DistillConfig(distill_guidance_min=5.0, distill_guidance_max=2.0)
     with pytest.raises((ValueError, TypeError), match="lr_scheduler"):
         distill.OptimConfig(lr_scheduler="exp")
-
-
-def test_step_donates_the_state_only():
-    """The state's buffers are recycled; the frozen weights and the batch stay valid, so a
-    caller may reuse a batch (XLA would otherwise take a batch buffer for any output of the
-    same shape, as it does for SD1.5-sized steps)."""
-    frozen, params = distill_setup()
-    ocfg = distill.OptimConfig()
-    mesh = make_mesh(jax.devices()[:1])
-    state = replicate(distill.init_train_state(params, distill.make_optimizer(ocfg), key=jax.random.key(2)), mesh)
-    step = distill.make_train_step(distill.DistillConfig(), mesh, lr_fn=distill.lr_schedule(ocfg))
-    batch = shard_batch(distill_batch(4), mesh)
-    with jax.numpy_dtype_promotion("standard"):
-        text = step.lower(replicate(frozen, mesh), state, batch).as_text()
-    [main] = [line for line in text.splitlines() if "func.func public @main" in line]
-    args = re.findall(r"%arg\d+: [^%]*", main)
-    donated = [a for a in args if "buffer_donor" in a or "aliasing_output" in a]
-    n_state = len([x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)])
-    assert len(donated) == n_state
-    batch_args = [a for a in args if '"data"' in a]  # the inputs split over the mesh
-    assert len(batch_args) == len(batch)
-    assert not any(a in donated for a in batch_args), "a batch input is donated"
 
 
 @pytest.mark.parametrize("guided", [False, True])

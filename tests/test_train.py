@@ -21,6 +21,7 @@ from helpers import (
     rows,
     signal_after,
     why,
+    xla_flags,
 )
 from PIL import Image
 
@@ -37,13 +38,10 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(env):
-    """A: 4 steps uninterrupted, with validation images. B: the same run through the library,
-    SIGINT after step 2 (its summary). C: B resumed to 4."""
+    """A: 4 steps uninterrupted. B: the same run through the library, SIGINT after step 2
+    (its summary). C: B resumed to 4. (The validation grids: `test_validation_grids`.)"""
     root, model, data, _ = env
-    a = invoke(*base(model, data, root / "A", "--validation_prompt", "a cat",
-                     "--validation_image", data / "processed_images" / "image_0.png",
-                     "--validation_steps", 4, "--num_validation_images", 2,
-                     "--validation_inference_steps", 2))
+    a = invoke(*base(model, data, root / "A"))
     b = library_run(model, data, root / "B", signal_after(2, signal.SIGINT))
     b = dict(b, final_adapter=(root / "B" / "config.json").exists())
     c = invoke(*base(model, data, root / "B", "--resume_from_checkpoint", "latest"))
@@ -69,10 +67,24 @@ def test_end_to_end_run_writes_adapter_checkpoints_and_metrics(runs):
     assert [r["epoch"] for r in m] == [0, 0, 1, 1]  # 8 examples, global batch 4
     adapter = load_adapter(out)
     assert adapter.controlnet_cond_embedding is not None
-    # Validation: the EMA adapter's few-step grid at step 4, the teacher's DDIM grid beside it.
-    for name in ("step-0000004.png", "teacher-ddim.png"):
+    assert not (out / "validation").exists()  # no validation prompt given
+
+
+@pytest.mark.slow
+def test_validation_grids(env, runs):
+    """With a validation prompt and image: the EMA adapter's few-step grid at each validation
+    step, the teacher's 50-step DDIM grid beside the first; the run's losses are A's."""
+    root, model, data, _ = env
+    out = root / "validation-run"
+    r = invoke(*base(model, data, out, "--validation_prompt", "a cat",
+                     "--validation_image", data / "processed_images" / "image_0.png",
+                     "--validation_steps", 2, "--num_validation_images", 2,
+                     "--validation_inference_steps", 2))
+    assert r.exit_code == 0, why(r)
+    for name in ("step-0000002.png", "step-0000004.png", "teacher-ddim.png"):
         with Image.open(out / "validation" / name) as im:
             assert im.size == (64, 32)  # 2 images of 32 x 32 in a row
+    assert [x["loss"] for x in rows(out)] == [x["loss"] for x in rows(root / "A")]
 
 
 def test_interrupt_checkpoints_and_resume_is_exact(runs):
@@ -167,7 +179,7 @@ def test_seed_readme_commands_parse(env):
         assert plan["max_train_steps"] == 500000 and plan["global_batch_size"] == 8  # 4 devices
         assert plan["prediction_type"] == "epsilon" and plan["conditioned"]
         assert plan["config"]["checkpointing_steps"] == 10000
-        assert "--from_pt ignored" in r.output and "'v_prediction'" in r.output
+        assert "from_pt ignored" in r.output and "'v_prediction'" in r.output
     assert not (root / "seed-out").exists()
 
 
@@ -210,7 +222,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(env, runs):
     args[args.index("--checkpointing-steps") + 1] = "1"
     code = ("import typer; from cli.train import train; app = typer.Typer(); "
             "app.command()(train); app()")
-    env_vars = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env_vars = {**os.environ, "XLA_FLAGS": xla_flags(4)}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=Path(__file__).parents[1],
                             env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -250,7 +262,7 @@ def test_two_processes_train_like_one(env, runs):
     out = root / "multihost"
     port = _free_port()
     here = Path(__file__).parent
-    child_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    child_env = {**os.environ, "XLA_FLAGS": xla_flags(2),
                  "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]), "COLUMNS": "200"}
     procs = [
         subprocess.Popen(

@@ -73,9 +73,9 @@ def open_cache(config: TrainConfig, model_path: Path, dataset_fingerprint: str):
         return LatentCache(config.cache_latents, fingerprint=dataset_fingerprint,
                            resolution=config.resolution, encoder=encoder)
     except DataError as e:
-        raise TrainConfigError(f"--cache_latents: {e}") from None
+        raise TrainConfigError(f"cache_latents: {e}") from None
     except OSError as e:
-        raise TrainConfigError(f"--cache_latents {config.cache_latents}: {e}") from None
+        raise TrainConfigError(f"cache_latents {config.cache_latents}: {e}") from None
 
 
 class StepBatches:

@@ -71,7 +71,7 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Optional[Pat
     if not path.is_absolute() and not path.exists():
         path = checkpoints_dir(output_dir) / spec
     if not (path / "checkpoint.json").is_file():
-        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a checkpoint folder "
+        raise CheckpointError(f"resume_from_checkpoint {spec}: not a checkpoint folder "
                               "(no checkpoint.json); give `latest` or a checkpoint-STEP folder")
     return path
 

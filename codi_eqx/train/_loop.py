@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,10 +143,10 @@ def _check_finite(step: int, metrics: dict, last_ckpt: Path | None) -> None:
     if math.isfinite(loss) and math.isfinite(metrics["grad_norm"]):
         return
     kept = (f"the last good checkpoint, {last_ckpt}, is untouched: resume with "
-            "--resume_from_checkpoint latest" if last_ckpt else "no checkpoint was written yet")
+            "resume_from_checkpoint latest" if last_ckpt else "no checkpoint was written yet")
     raise TrainingError(
         f"non-finite loss at step {step} (loss {loss}, grad_norm {metrics['grad_norm']}); "
-        f"training stopped, {kept} (a lower --learning_rate or --mixed_precision no may help)")
+        f"training stopped, {kept} (a lower learning_rate or mixed_precision no may help)")
 
 
 # --- what a run holds: model, state, step, data ------------------------------------------------
@@ -237,12 +237,13 @@ class _Run:
 
     def save_final(self) -> None:
         """The EMA adapter at the top of the output folder (and the EMA UNet in `unet/` in
-        full CoDi), each file renamed into place."""
-        tmp = self.out / f".adapter.tmp-{os.getpid()}"
-        save_adapter(self.state.ema.adapter, tmp, extra_config=self.settings.config_entry())
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, self.out / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        full CoDi). The output folder holds the run's other files too, so the adapter is
+        written whole into a temporary folder beside them, then each file is renamed into
+        place (the temporary folder goes whatever happens)."""
+        with tempfile.TemporaryDirectory(prefix=".adapter.tmp-", dir=self.out) as tmp:
+            save_adapter(self.state.ema.adapter, tmp, extra_config=self.settings.config_entry())
+            for f in sorted(Path(tmp).iterdir()):
+                os.replace(f, self.out / f.name)
         if self.state.ema.unet is not None:
             save_unet(self.state.ema.unet, self.out / "unet")
 

@@ -64,7 +64,7 @@ class Metrics:
             except ImportError:
                 SummaryWriter = None
         if SummaryWriter is None:
-            note("note: --report_to tensorboard: tensorboard is not installed "
+            note("note: report_to tensorboard: tensorboard is not installed "
                  "(pip install tensorboardX); metrics go to metrics.jsonl only")
         else:
             self.writers.append(("tensorboard", SummaryWriter(str(output_dir / "logs"))))
@@ -73,7 +73,7 @@ class Metrics:
         try:
             import wandb
         except ImportError:
-            note("note: --report_to wandb: wandb is not installed; metrics go to "
+            note("note: report_to wandb: wandb is not installed; metrics go to "
                  "metrics.jsonl only")
         else:
             run = wandb.init(project="codi-eqx", config=config.to_dict(), dir=str(output_dir),

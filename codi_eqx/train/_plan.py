@@ -56,7 +56,7 @@ def plan(config: TrainConfig) -> Plan:
     if config.resolution % factor:
         lo = config.resolution // factor * factor
         raise TrainConfigError(
-            f"--resolution {config.resolution} is not divisible by the VAE factor {factor} "
+            f"resolution {config.resolution} is not divisible by the VAE factor {factor} "
             f"(try {max(lo, factor)} or {lo + factor})")
     dataset = _dataset(config)
     n_dev, gbs, steps_per_epoch, max_steps = _batch_and_steps(config, dataset)
@@ -78,18 +78,18 @@ def _model_folder(config: TrainConfig, notes: list[str]) -> Path:
     try:
         root = resolve_model_path(config.pretrained_model_name_or_path)
     except WeightsError as e:
-        raise TrainConfigError(f"--pretrained_model_name_or_path: {e}") from None
+        raise TrainConfigError(f"pretrained_model_name_or_path: {e}") from None
     if not root.is_dir():
-        raise TrainConfigError(f"--pretrained_model_name_or_path {root}: not a model directory")
+        raise TrainConfigError(f"pretrained_model_name_or_path {root}: not a model directory")
     local_model = Path(config.pretrained_model_name_or_path).exists()
     if config.from_pt:
-        notes.append("note: --from_pt ignored (weights are read from safetensors whatever "
+        notes.append("note: from_pt ignored (weights are read from safetensors whatever "
                      "framework wrote them)")
     if config.revision and local_model:
-        notes.append(f"note: --revision {config.revision} ignored (the model is a local folder)")
+        notes.append(f"note: revision {config.revision} ignored (the model is a local folder)")
     data_location = config.train_data_dir or config.dataset_name or ""
     if config.cache_dir and (config.train_data_dir or Path(data_location).exists()):
-        notes.append(f"note: --cache_dir {config.cache_dir} unused (the dataset is a local folder)")
+        notes.append(f"note: cache_dir {config.cache_dir} unused (the dataset is a local folder)")
     return root
 
 
@@ -117,8 +117,8 @@ def _prediction_type(config: TrainConfig, root: Path, notes: list[str]) -> str:
             prediction_type = resolve_prediction_type(
                 model_pred, config.onestepode_sample_eps, config.force_prediction_type)
         except ValueError as e:
-            raise TrainConfigError(f"--onestepode_sample_eps: {e}") from None
-    notes += [f"warning: --onestepode_sample_eps: {w.message} (--force_prediction_type)"
+            raise TrainConfigError(f"onestepode_sample_eps: {e}") from None
+    notes += [f"warning: onestepode_sample_eps: {w.message} (force_prediction_type)"
               for w in caught]
     return prediction_type
 
@@ -150,8 +150,8 @@ def _dataset(config: TrainConfig):
         raise TrainConfigError(str(e)) from None
     if config.distill_type == "conditional" and not dataset.conditioned:
         raise TrainConfigError(
-            "the dataset has no condition image column: give --conditioning_image_column, "
-            "or --distill_type unconditional")
+            "the dataset has no condition image column: set conditioning_image_column, "
+            "or distill_type unconditional")
     return dataset
 
 
@@ -170,28 +170,28 @@ def _batch_and_steps(config: TrainConfig, dataset) -> tuple[int, int, int | None
     if steps_per_epoch == 0:
         raise TrainConfigError(
             f"the dataset has {len(dataset)} examples, fewer than one global batch of {gbs} "
-            f"(--train_batch_size {config.train_batch_size} x {n_dev} devices x "
-            f"--gradient_accumulation_steps {config.gradient_accumulation_steps})")
+            f"(train_batch_size {config.train_batch_size} x {n_dev} devices x "
+            f"gradient_accumulation_steps {config.gradient_accumulation_steps})")
     if config.max_train_steps is not None:
         max_steps = config.max_train_steps
     elif steps_per_epoch is not None:
         max_steps = config.num_train_epochs * steps_per_epoch
     else:
-        raise TrainConfigError("streamed tar shards have no known length: give --max_train_steps")
+        raise TrainConfigError("streamed tar shards have no known length: set max_train_steps")
     return n_dev, gbs, steps_per_epoch, max_steps
 
 
 def _check_validation_images(config: TrainConfig) -> None:
     for image in config.validation_image:
         if not Path(image).is_file():
-            raise TrainConfigError(f"--validation_image {image}: no such file")
+            raise TrainConfigError(f"validation_image {image}: no such file")
         try:
             from PIL import Image
 
             with Image.open(image) as im:
                 im.verify()
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-            raise TrainConfigError(f"--validation_image {image}: not a readable image "
+            raise TrainConfigError(f"validation_image {image}: not a readable image "
                                    f"({type(e).__name__}: {e})") from None
 
 
@@ -202,7 +202,7 @@ def _check_latent_cache(config: TrainConfig, p: Plan) -> None:
         return
     cache_dir = Path(config.cache_latents)
     if cache_dir.exists() and not cache_dir.is_dir():
-        raise TrainConfigError(f"--cache_latents {cache_dir}: not a folder")
+        raise TrainConfigError(f"cache_latents {cache_dir}: not a folder")
     if (cache_dir / "cache.json").exists():
         open_cache(config, p.model_path, p.dataset.fingerprint)  # refuses a cache made for something else
 

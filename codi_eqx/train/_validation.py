@@ -4,11 +4,11 @@ DDIM samples beside them at the first validation."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_path
 from ._config import TrainConfig
 from ._metrics import Metrics
 
@@ -17,9 +17,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
     """Write `image` (H, W, 3) uint8 atomically (a temporary name, then a rename)."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 class Validation:
