@@ -148,7 +148,10 @@ def test_fresh_adapter_leaves_unet_unchanged(family, channels):
         jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
     )
     alone = _run_unet(unet, sample, t, ehs)
-    np.testing.assert_array_equal(np.asarray(with_adapter), np.asarray(alone))
+    # Bit for bit at XLA's default settings (the slow set); the default set's fast-compile
+    # flags (tests/conftest.py) fuse the two programs differently, within float noise (2e-6
+    # measured). An adapter residual that is not zero moves the output by far more.
+    np.testing.assert_allclose(np.asarray(with_adapter), np.asarray(alone), rtol=0, atol=1e-5)
 
 
 def test_adapter_save_load_round_trip(family, tmp_path):
