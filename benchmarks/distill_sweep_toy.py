@@ -1,0 +1,147 @@
+"""What moves CoDi's caption adherence on the built-in shapes world: N, tau, guidance, the
+learning rate, at one training length.
+
+Each variant is the shipped edge adapter's recipe (`codi_eqx.toy._builtin.SHIPPED_RECIPES`,
+the defaults of `codi train` on the built-in teacher) with a few options changed, trained for
+`--steps` steps into benchmarks/.cache/sweep/NAME (reused when already there), then sampled
+with 4 CoDi steps on the held-out captions and edge maps of `quality_toy.py` and scored the
+same way (edge F1, caption adherence and its parts, Frechet distance).
+
+    python benchmarks/distill_sweep_toy.py --steps 800 --num 64
+    python benchmarks/distill_sweep_toy.py --variants base n20 --steps 800
+
+Writes benchmarks/results/distill_sweep_toy.json and .md. Variants can be trained in
+parallel processes (`--train_only`), and scored afterwards in one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parent / ".cache" / "sweep"
+
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "n20": {"distill_learning_steps": 20},
+    "tau0.1": {"distill_timestep_scaling": 0.1},
+    "cfg-aware": {"cfg_aware_distill": True, "distill_guidance_min": 2.0,
+                  "distill_guidance_max": 6.0},
+    "w2": {"distill_guidance_min": 2.0, "distill_guidance_max": 2.0},
+    "lr3e-4": {"learning_rate": 3e-4},
+}
+"""Changes to the shipped edge recipe (`TrainConfig` field names)."""
+
+SAMPLE_GUIDANCE = {"cfg-aware": 3.0}
+"""Guidance at sampling for variants trained guidance-aware (the others sample unguided)."""
+
+
+def run_dir(name: str, steps: int) -> Path:
+    return CACHE / f"{name}-{steps}"
+
+
+def train_variant(name: str, steps: int) -> Path:
+    from codi_eqx.toy._builtin import SHIPPED_RECIPES, TOY_TRAIN_DEFAULTS, prepare_builtin_run
+    from codi_eqx.train import TrainConfig, train
+
+    out = run_dir(name, steps)
+    if (out / "config.json").exists():
+        return out
+    recipe = dict(TOY_TRAIN_DEFAULTS, **SHIPPED_RECIPES["edges"], **VARIANTS[name])
+    recipe.update(max_train_steps=steps, checkpointing_steps=steps, validation_steps=steps)
+    recipe.update(prepare_builtin_run(out, seed=recipe.get("seed", 0)))
+    print(f"training {name} into {out} ({steps} steps): {VARIANTS[name]}", flush=True)
+    t0 = time.perf_counter()
+    train(TrainConfig(output_dir=str(out), **recipe))
+    (out / "sweep.json").write_text(json.dumps(
+        {"variant": name, "changes": VARIANTS[name], "steps": steps,
+         "train_seconds": time.perf_counter() - t0}) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=800, help="training steps of every variant")
+    ap.add_argument("--num", type=int, default=64, help="held-out prompts")
+    ap.add_argument("--num_real", type=int, default=1024, help="real held-out images for FD")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train_only", action="store_true", help="train, do not score")
+    ap.add_argument("--out", type=Path, default=RESULTS / "distill_sweep_toy.json")
+    args = ap.parse_args(argv)
+
+    dirs = {name: train_variant(name, args.steps) for name in args.variants}
+    if args.train_only:
+        return 0
+
+    from codi_eqx import adapter_settings, load_adapter, load_pipeline
+    from codi_eqx.sampling import generate
+    from codi_eqx.toy import builtin_teacher, shapes
+    from codi_eqx.toy._analysis import (caption_match_parts, edge_f1, features,
+                                        frechet_distance, load_feature_net)
+    from codi_eqx.toy._builtin import BUILTIN_DIR
+
+    pipe = load_pipeline(builtin_teacher())
+    net = load_feature_net(BUILTIN_DIR / "feature-net.eqx")
+    held = shapes.scenes(args.seed + 5000, args.num, "heldout")  # quality_toy.py's set
+    captions = [s.caption for s in held]
+    edges = shapes.edge_images(held)
+    real = np.stack([shapes.render(s)[0] for s in
+                     shapes.scenes(args.seed + 6000, args.num_real, "heldout")])
+    real_feats = features(net, real)
+
+    rows = []
+    for name, out in dirs.items():
+        settings = adapter_settings(out)
+        gs = SAMPLE_GUIDANCE.get(name, 1.0)
+        images = generate(pipe, load_adapter(out), captions, control_images=edges, steps=4,
+                          sampler="codi", guidance_scale=gs, seed=args.seed, settings=settings,
+                          batch_size=min(32, args.num))
+        parts = [caption_match_parts(im, c) for im, c in zip(images, captions)]
+        meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+        row = {
+            "variant": name, "changes": VARIANTS[name], "steps": args.steps,
+            "sample_guidance": gs,
+            "edge_f1": float(np.mean([edge_f1(e, im) for e, im in zip(edges, images)])),
+            "caption_adherence": float(np.mean([p["all"] for p in parts])),
+            "background_ok": float(np.mean([p["background"] for p in parts])),
+            "kinds_ok": float(np.mean([p["kinds"] for p in parts])),
+            "fd": float(frechet_distance(features(net, images), real_feats)),
+            "train_seconds": meta.get("train_seconds"),
+        }
+        rows.append(row)
+        print(f"{name:10s} edgeF1 {row['edge_f1']:.3f}  caption {row['caption_adherence']:.3f}  "
+              f"background {row['background_ok']:.3f}  kinds {row['kinds_ok']:.3f}  "
+              f"FD {row['fd']:8.2f}", flush=True)
+
+    result = {"benchmark": "distill_sweep_toy", "num_prompts": args.num, "steps": args.steps,
+              "seed": args.seed, "machine": platform.processor() or platform.machine(),
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = ["| variant | changes | edge F1 | caption adherence | background | kinds | FD |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(shipped recipe)"
+        if r["sample_guidance"] != 1.0:
+            changes += f"; sampled at w={r['sample_guidance']}"
+        table.append(f"| {r['variant']} | {changes} | {r['edge_f1']:.3f} | "
+                     f"{r['caption_adherence']:.3f} | {r['background_ok']:.3f} | "
+                     f"{r['kinds_ok']:.3f} | {r['fd']:.2f} |")
+    md = "\n".join(table) + "\n"
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
