@@ -32,6 +32,7 @@ from codi_eqx.models import (
 )
 from codi_eqx.parallel import make_mesh, replicate, shard_batch
 
+
 def xla_flags(devices: int) -> str:
     """This session's XLA flags (tests/conftest.py: the optimisation level) with `devices`
     simulated CPU devices, for a child process whose numbers are compared with this one's."""

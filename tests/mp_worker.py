@@ -3,13 +3,13 @@ localhost with CPU collectives; prints this process's view of the step's metrics
 
 import json
 import os
-import re
 import sys
 
-# 2 devices, and otherwise the test session's flags (its optimisation level: tests/conftest.py).
-os.environ["XLA_FLAGS"] = re.sub(
-    r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
-) + " --xla_force_host_platform_device_count=2"
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import xla_flags  # noqa: E402  (imports jax; its backend starts later)
+
+# 2 devices, and otherwise the test session's flags (tests/conftest.py).
+os.environ["XLA_FLAGS"] = xla_flags(2)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -19,7 +19,6 @@ from codi_eqx.parallel import initialize_distributed  # noqa: E402
 
 def main(port: int, process_id: int) -> None:
     initialize_distributed(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
-    sys.path.insert(0, os.path.dirname(__file__))
     from helpers import run_two_steps
 
     metrics = run_two_steps(share=(process_id * 2, process_id * 2 + 2))

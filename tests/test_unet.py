@@ -142,11 +142,15 @@ def test_fresh_adapter_leaves_unet_unchanged(family, channels):
 
     def one(x, ti, e, c):
         d, m = adapter(x, ti, e, c if channels else None)
-        return unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+        out = unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+        return out, (d, m)
 
-    with_adapter = eqx.filter_jit(jax.vmap(one))(
+    with_adapter, residuals = eqx.filter_jit(jax.vmap(one))(
         jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
     )
+    # The zero convolutions give exactly zero residuals (whatever the compile flags).
+    for r in jax.tree.leaves(residuals):
+        assert not np.any(np.asarray(r)), "a fresh adapter's residual is not zero"
     alone = _run_unet(unet, sample, t, ehs)
     # Bit for bit at XLA's default settings (the slow set); the default set's fast-compile
     # flags (tests/conftest.py) fuse the two programs differently, within float noise (2e-6
