@@ -75,6 +75,26 @@ SD2_UNET = dict(
     transformer_layers_per_block=[2, 1, 1],
 )
 
+SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=[2, 4, 4],
+    cross_attention_dim=40,  # the two text encoders' widths, 16 + 24, concatenated
+    norm_num_groups=8,
+    use_linear_projection=True,
+    transformer_layers_per_block=[1, 2, 3],  # the mid block takes the last
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8,  # pooled width + 6 time ids
+)
+"""SDXL's layout at toy size: no attention in the first block, several transformer layers
+deeper, linear projections, per-block heads, and the added `text_time` embedding."""
+
 
 def randomize_(module, seed: int = 0, scale: float = 0.2) -> None:
     """Fill every parameter (norms and zero convs included) with seeded random values:

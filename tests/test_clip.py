@@ -224,3 +224,84 @@ def test_too_many_tokens():
     assert shape == (8, 16)
     with pytest.raises(ValueError, match="positions"):
         eqx.filter_eval_shape(model, jnp.zeros((9,), jnp.int32))
+
+
+@pytest.fixture(scope="module", params=["eos", "legacy-eos-2"])
+def projected(request, tokenizer, tmp_path_factory):
+    """transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder, OpenCLIP
+    bigG's gelu), saved; with the tokenizer's end-of-text id, and with the older configs'
+    `eos_token_id = 2` (pooled at the largest token id)."""
+    eos = tokenizer.eos_token_id if request.param == "eos" else 2
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="gelu",
+        layer_norm_eps=1e-5, projection_dim=24, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.CLIPTextModelWithProjection(config).eval()
+    _randomise(model, seed=11)
+    folder = tmp_path_factory.mktemp(f"clip_projected_{request.param}")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_with_projection_parity(projected, input_ids):
+    """Last and penultimate hidden states and the projected pooled output (what SDXL's
+    pipeline takes from its second encoder) against transformers, fp32 and bf16."""
+    from codi_eqx.models import CLIPTextModelWithProjection
+
+    torch_model, folder = projected
+    model = load_text_encoder(folder)
+    assert isinstance(model, CLIPTextModelWithProjection)
+    theirs = _theirs(torch_model, input_ids, output_hidden_states=True)
+    ids = jnp.asarray(input_ids, jnp.int32)
+
+    @eqx.filter_jit
+    def run(m, ids):
+        def one(i):
+            states = m.hidden_states(i)
+            last = m.text_model.final_layer_norm(states[-1])
+            return last, states[-2], m.project(last, i), m.text_embeds(i)
+        return jax.vmap(one)(ids)
+
+    last, penultimate, embeds, embeds_direct = run(model, ids)
+    errs = {
+        "last": _rel(last, theirs.last_hidden_state.numpy()),
+        "penultimate": _rel(penultimate, theirs.hidden_states[-2].numpy()),
+        "text_embeds": _rel(embeds, theirs.text_embeds.numpy()),
+    }
+    print(f"\nCLIP with projection fp32 (eos {torch_model.config.eos_token_id}): {errs}")
+    assert max(errs.values()) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(embeds), np.asarray(embeds_direct))
+    model16 = load_text_encoder(folder, dtype=jnp.bfloat16)
+    _, _, embeds16, _ = run(model16, ids)
+    assert _rel(np.asarray(embeds16, np.float32), theirs.text_embeds.numpy()) <= 3e-2
+
+
+def test_with_projection_save_round_trip(projected, input_ids, tmp_path):
+    """Saved by this project: transformers reads the same class and the same outputs."""
+    torch_model, folder = projected
+    model = load_text_encoder(folder)
+    save_text_encoder(model, tmp_path / "enc")
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert config["architectures"] == ["CLIPTextModelWithProjection"]
+    assert eqx.tree_equal(load_text_encoder(tmp_path / "enc"), model)
+    back = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "enc").eval()
+    ref = _theirs(torch_model, input_ids).text_embeds.numpy()
+    np.testing.assert_allclose(_theirs(back, input_ids).text_embeds.numpy(), ref, atol=1e-6)
+
+
+def test_plain_encoder_ignores_a_projection(projected, input_ids, tmp_path):
+    """The same weights under a plain `CLIPTextModel` config load without the projection
+    (its tensor consumed), with the same hidden states."""
+    import shutil
+
+    _, folder = projected
+    shutil.copytree(folder, tmp_path / "plain")
+    config = json.loads((folder / "config.json").read_text())
+    assert "text_projection.weight" in read_tensors(folder)
+    (tmp_path / "plain" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["CLIPTextModel"]}))
+    plain = load_text_encoder(tmp_path / "plain")
+    assert type(plain) is CLIPTextModel
+    np.testing.assert_array_equal(_ours(plain, input_ids), _ours(load_text_encoder(folder), input_ids))

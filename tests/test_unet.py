@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel as TorchControlNet
-from helpers import SD1_UNET, SD2_UNET, make_unet, perturb, randomize_
+from helpers import SD1_UNET, SD2_UNET, SDXL_UNET, make_unet, perturb, randomize_
 
 from codi_eqx.models import ControlNetModel, UNet2DConditionConfig, UNet2DConditionModel
 from codi_eqx.nn import Conv2d, Linear
@@ -25,7 +25,7 @@ from weights_conversion import (
     save_unet,
 )
 
-FAMILIES = {"sd1": SD1_UNET, "sd2": SD2_UNET}
+FAMILIES = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
 B, H, W, L = 2, 8, 12, 7  # batch, non-square latents, text length
 
 
@@ -34,13 +34,36 @@ def _rel(ours, theirs) -> float:
     return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
 
 
-def _inputs(cross_dim: int, seed: int = 0):
+def _inputs(cfg: dict, seed: int = 0):
     rng = np.random.default_rng(seed)
     sample = rng.standard_normal((B, 4, H, W)).astype(np.float32)
     t = np.array([10, 731], np.int64)
-    ehs = rng.standard_normal((B, L, cross_dim)).astype(np.float32)
+    ehs = rng.standard_normal((B, L, cfg["cross_attention_dim"])).astype(np.float32)
     cond = rng.uniform(0, 1, (B, 3, 8 * H, 8 * W)).astype(np.float32)
-    return sample, t, ehs, cond
+    return sample, t, ehs, cond, _added(cfg, rng)
+
+
+def _added(cfg: dict, rng):
+    """SDXL's added conditions (pooled text embedding, time ids) for a `text_time` config,
+    else None."""
+    if cfg.get("addition_embed_type") != "text_time":
+        return None
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return {
+        "text_embeds": rng.standard_normal((B, pooled)).astype(np.float32),
+        # original size, crop top-left, target size (pixels), one example cropped
+        "time_ids": np.array([[96, 64, 0, 0, 64, 96], [128, 80, 16, 8, 64, 96]], np.float32),
+    }
+
+
+def _torch_added(added) -> dict:
+    if added is None:
+        return {}
+    return {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in added.items()}}
+
+
+def _jnp(added):
+    return None if added is None else {k: jnp.asarray(v) for k, v in added.items()}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -53,26 +76,29 @@ def family(request, tmp_path_factory):
     return name, cfg, torch_unet, folder
 
 
-def _run_unet(unet, sample, t, ehs, down=None, mid=None):
-    def one(x, ti, e, d, m):
-        return unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+def _run_unet(unet, sample, t, ehs, added=None, down=None, mid=None):
+    def one(x, ti, e, a, d, m):
+        return unet(x, ti, e, added_cond_kwargs=a, down_block_additional_residuals=d,
+                    mid_block_additional_residual=m)
 
-    return eqx.filter_jit(jax.vmap(one))(jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), down, mid)
+    return eqx.filter_jit(jax.vmap(one))(
+        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), _jnp(added), down, mid)
 
 
 def test_unet_parity(family):
     name, cfg, torch_unet, folder = family
-    sample, t, ehs, _ = _inputs(cfg["cross_attention_dim"])
+    sample, t, ehs, _, added = _inputs(cfg)
     with torch.no_grad():
-        ref = torch_unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs)).sample.numpy()
+        ref = torch_unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
+                         **_torch_added(added)).sample.numpy()
     unet = load_unet(folder)
-    out = _run_unet(unet, sample, t, ehs)
+    out = _run_unet(unet, sample, t, ehs, added)
     err = _rel(out, ref)
     print(f"[parity] UNet {name} fp32: max|ours-theirs|/max|theirs| = {err:.2e}")
     assert err <= 1e-4
 
     unet16 = load_unet(folder, dtype=jnp.bfloat16)
-    out16 = _run_unet(unet16, sample, t, ehs)
+    out16 = _run_unet(unet16, sample, t, ehs, added)
     assert out16.dtype == jnp.bfloat16
     assert bool(jnp.all(jnp.isfinite(out16)))
     err16 = _rel(out16.astype(jnp.float32), out)
@@ -83,7 +109,7 @@ def test_unet_parity(family):
 @pytest.mark.parametrize("with_cond", [True, False])
 def test_unet_with_diffusers_controlnet(family, with_cond, tmp_path):
     name, cfg, torch_unet, folder = family
-    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=1)
+    sample, t, ehs, cond, added = _inputs(cfg, seed=1)
     tcn = TorchControlNet.from_unet(torch_unet, conditioning_channels=3).eval()
     randomize_(tcn, seed=7)
     if not with_cond:
@@ -95,10 +121,12 @@ def test_unet_with_diffusers_controlnet(family, with_cond, tmp_path):
         down, mid = tcn(
             torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
             controlnet_cond=torch.from_numpy(cond), conditioning_scale=0.7, return_dict=False,
+            **_torch_added(added),
         )
         ref = torch_unet(
             torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            **_torch_added(added),
         ).sample.numpy()
     cn_dir = tmp_path / "controlnet"
     tcn.save_pretrained(cn_dir, safe_serialization=True)
@@ -113,12 +141,15 @@ def test_unet_with_diffusers_controlnet(family, with_cond, tmp_path):
     assert (adapter.controlnet_cond_embedding is None) == (not with_cond)
     unet = load_unet(folder)
 
-    def one(x, ti, e, c):
-        d, m = adapter(x, ti, e, c if with_cond else None, conditioning_scale=0.7)
-        return d, m, unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+    def one(x, ti, e, c, a):
+        d, m = adapter(x, ti, e, c if with_cond else None, conditioning_scale=0.7,
+                       added_cond_kwargs=a)
+        return d, m, unet(x, ti, e, added_cond_kwargs=a, down_block_additional_residuals=d,
+                          mid_block_additional_residual=m)
 
     d_ours, m_ours, out = eqx.filter_jit(jax.vmap(one))(
-        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
+        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond),
+        _jnp(added),
     )
     errs = [_rel(a, b.numpy()) for a, b in zip(d_ours, down)]
     err_mid = _rel(m_ours, mid.numpy())
@@ -134,24 +165,27 @@ def test_unet_with_diffusers_controlnet(family, with_cond, tmp_path):
 @pytest.mark.parametrize("channels", [3, None])
 def test_fresh_adapter_leaves_unet_unchanged(family, channels):
     name, cfg, _, folder = family
-    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=2)
+    sample, t, ehs, cond, added = _inputs(cfg, seed=2)
     unet = load_unet(folder)
     adapter = ControlNetModel.from_unet(unet, conditioning_channels=channels, key=jax.random.key(3))
-    # The copied encoder is the UNet's own.
+    # The copied encoder is the UNet's own (the added embedding too, where there is one).
     assert bool(jnp.all(adapter.conv_in.weight == unet.conv_in.weight))
+    assert eqx.tree_equal(adapter.add_embedding, unet.add_embedding)
 
-    def one(x, ti, e, c):
-        d, m = adapter(x, ti, e, c if channels else None)
-        out = unet(x, ti, e, down_block_additional_residuals=d, mid_block_additional_residual=m)
+    def one(x, ti, e, c, a):
+        d, m = adapter(x, ti, e, c if channels else None, added_cond_kwargs=a)
+        out = unet(x, ti, e, added_cond_kwargs=a, down_block_additional_residuals=d,
+                   mid_block_additional_residual=m)
         return out, (d, m)
 
     with_adapter, residuals = eqx.filter_jit(jax.vmap(one))(
-        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond)
+        jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond),
+        _jnp(added),
     )
     # The zero convolutions give exactly zero residuals (whatever the compile flags).
     for r in jax.tree.leaves(residuals):
         assert not np.any(np.asarray(r)), "a fresh adapter's residual is not zero"
-    alone = _run_unet(unet, sample, t, ehs)
+    alone = _run_unet(unet, sample, t, ehs, added)
     # Bit for bit at XLA's default settings (the slow set); the default set's fast-compile
     # flags (tests/conftest.py) fuse the two programs differently, within float noise (2e-6
     # measured). An adapter residual that is not zero moves the output by far more.
@@ -179,15 +213,17 @@ def test_adapter_with_condition_loads_in_diffusers(family, tmp_path):
     save_adapter(adapter, tmp_path / "a")
     tcn = TorchControlNet.from_pretrained(tmp_path / "a").eval()
     assert tcn.config.conditioning_channels == 3
-    sample, t, ehs, cond = _inputs(cfg["cross_attention_dim"], seed=3)
+    sample, t, ehs, cond, added = _inputs(cfg, seed=3)
     with torch.no_grad():
         down, mid = tcn(
             torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ehs),
             controlnet_cond=torch.from_numpy(cond), conditioning_scale=0.7, return_dict=False,
+            **_torch_added(added),
         )
     d_ours, m_ours = eqx.filter_jit(jax.vmap(
-        lambda x, ti, e, c: adapter(x, ti, e, c, conditioning_scale=0.7)
-    ))(jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond))
+        lambda x, ti, e, c, a: adapter(x, ti, e, c, conditioning_scale=0.7, added_cond_kwargs=a)
+    ))(jnp.asarray(sample), jnp.asarray(t, jnp.int32), jnp.asarray(ehs), jnp.asarray(cond),
+       _jnp(added))
     assert len(d_ours) == len(down)
     errs = [_rel(a, b.numpy()) for a, b in zip(d_ours, down)] + [_rel(m_ours, mid.numpy())]
     assert min(float(np.abs(b.numpy()).max()) for b in down) > 1e-3
@@ -213,7 +249,7 @@ def _rewrite(folder, edit):
 def test_loading_errors_name_the_tensor(family, tmp_path):
     _, _, _, folder = family
     unet = load_unet(folder)
-    victim = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"
+    victim = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"
 
     save_unet(unet, tmp_path / "missing")
     _rewrite(tmp_path / "missing", lambda t: t.pop(victim))
@@ -298,6 +334,12 @@ def test_unet_is_a_pytree_of_the_config(family):
 
     conv(unet.conv_in, cfg["in_channels"], ch[0], 3)
     assert unet.time_embedding.linear_1.weight.shape == (temb, ch[0])
+    if cfg.get("addition_embed_type") == "text_time":
+        assert unet.add_embedding.linear_1.weight.shape == (
+            temb, cfg["projection_class_embeddings_input_dim"])
+        assert unet.add_embedding.linear_2.weight.shape == (temb, temb)
+    else:
+        assert unet.add_embedding is None
     assert len(unet.down_blocks) == len(unet.up_blocks) == n
     cin = ch[0]
     for i, (block, kind) in enumerate(zip(unet.down_blocks, cfg["down_block_types"])):

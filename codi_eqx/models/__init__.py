@@ -2,8 +2,10 @@
 
 from ._clip import CLIPTextConfig as CLIPTextConfig
 from ._clip import CLIPTextModel as CLIPTextModel
+from ._clip import CLIPTextModelWithProjection as CLIPTextModelWithProjection
 from ._controlnet import ControlNetConfig as ControlNetConfig
 from ._controlnet import ControlNetModel as ControlNetModel
+from ._unet import AddedCondKwargs as AddedCondKwargs
 from ._unet import UNet2DConditionConfig as UNet2DConditionConfig
 from ._unet import UNet2DConditionModel as UNet2DConditionModel
 from ._vae import AutoencoderKL as AutoencoderKL

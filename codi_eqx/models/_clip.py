@@ -78,9 +78,11 @@ class CLIPTextConfig:
     bos_token_id: Optional[int] = 49406
     """Id of `<|startoftext|>` (recorded, not used by the model)."""
     eos_token_id: Optional[int] = 49407
-    """Id of `<|endoftext|>` (recorded, not used by the model)."""
+    """Id of `<|endoftext|>`: the pooled output is the state at its first occurrence; where
+    it is 2 (older configs), at the largest token id, as transformers reads them."""
     projection_dim: int = 512
-    """Width of the CLIP image-text projection (recorded; this text encoder has no projection)."""
+    """Width of the text projection of `CLIPTextModelWithProjection` (SDXL's second text
+    encoder: 1280); recorded only for `CLIPTextModel`, which has none."""
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -289,3 +291,39 @@ class CLIPTextModel(eqx.Module):
         for layer in self.text_model.encoder.layers:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
+
+
+    def pooled_output(
+        self, last_hidden_state: Float[Array, "seq d"], input_ids: Int[Array, " seq"]
+    ) -> Float[Array, " d"]:
+        """The state at the end-of-text token of `input_ids` (CLIP's pooled output)."""
+        eos = self.config.eos_token_id
+        if eos == 2 or eos is None:
+            index = jnp.argmax(input_ids)
+        else:
+            index = jnp.argmax((input_ids == eos).astype(jnp.int32))
+        return last_hidden_state[index]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """The CLIP text encoder with its text projection (SDXL's second text encoder,
+    transformers' `CLIPTextModelWithProjection`): `model(ids)` is the last hidden state as for
+    `CLIPTextModel`; `text_embeds(ids)` the projected pooled output."""
+
+    text_projection: Linear
+
+    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
+        tkey, pkey = jax.random.split(key)
+        super().__init__(config, dtype=dtype, key=tkey)
+        self.text_projection = Linear(
+            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, key=pkey)
+
+    def text_embeds(self, input_ids: Int[Array, " seq"]) -> Float[Array, " p"]:
+        """The projection of the pooled output `(projection_dim,)`."""
+        return self.project(self(input_ids), input_ids)
+
+    def project(
+        self, last_hidden_state: Float[Array, "seq d"], input_ids: Int[Array, " seq"]
+    ) -> Float[Array, " p"]:
+        """`text_embeds` from an already computed last hidden state."""
+        return self.text_projection(self.pooled_output(last_hidden_state, input_ids))

@@ -20,18 +20,16 @@ from .._tree import cast_floating
 from .._typing import Timestep
 from ..nn import Conv2d
 from ._unet import (
+    AddedCondKwargs,
     UNet2DConditionConfig,
     UNet2DConditionModel,
     _down_blocks,
     _mid_block,
+    add_embedding_of,
     check_supported,
+    embed_time,
 )
-from ._unet_blocks import (
-    DownBlock2D,
-    TimestepEmbedding,
-    UNetMidBlock2DCrossAttn,
-    timestep_embedding,
-)
+from ._unet_blocks import DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,8 @@ class ControlNetConfig:
             "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups",
             "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
             "attention_head_dim", "num_attention_heads", "use_linear_projection",
-            "upcast_attention", "mid_block_type", "sample_size",
+            "upcast_attention", "mid_block_type", "sample_size", "addition_embed_type",
+            "addition_time_embed_dim", "projection_class_embeddings_input_dim",
         ]
         d = {"_class_name": "ControlNetModel", **{k: u[k] for k in keep}}
         d["conditioning_channels"] = self.conditioning_channels
@@ -151,6 +150,7 @@ class ControlNetModel(eqx.Module):
 
     conv_in: Conv2d
     time_embedding: TimestepEmbedding
+    add_embedding: Optional[TimestepEmbedding]
     controlnet_cond_embedding: Optional[ControlNetConditioningEmbedding]
     down_blocks: tuple[DownBlock2D, ...]
     controlnet_down_blocks: tuple[Conv2d, ...]
@@ -171,6 +171,7 @@ class ControlNetModel(eqx.Module):
             dtype=dtype, key=k_in,
         )
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, key=k_t)
+        self.add_embedding = add_embedding_of(cfg, dtype=dtype, key=jax.random.fold_in(k_t, 1))
         self.controlnet_cond_embedding = (
             ControlNetConditioningEmbedding(
                 c0, config.conditioning_channels, config.conditioning_embedding_out_channels,
@@ -231,12 +232,13 @@ class ControlNetModel(eqx.Module):
         zero_mid = Conv2d(c, c, 1, zero_init=True, dtype=jnp.float32, key=key)
         return eqx.tree_at(
             lambda m: (
-                m.conv_in, m.time_embedding, m.down_blocks, m.mid_block,
+                m.conv_in, m.time_embedding, m.add_embedding, m.down_blocks, m.mid_block,
                 m.controlnet_cond_embedding, m.controlnet_down_blocks, m.controlnet_mid_block,
             ),
             template,
             (
-                f32(unet.conv_in), f32(unet.time_embedding), f32(unet.down_blocks),
+                f32(unet.conv_in), f32(unet.time_embedding), f32(unet.add_embedding),
+                f32(unet.down_blocks),
                 f32(unet.mid_block), cond, _zero_convs(cfg, dtype=jnp.float32), zero_mid,
             ),
             is_leaf=lambda x: x is None,
@@ -255,6 +257,7 @@ class ControlNetModel(eqx.Module):
         controlnet_cond: Optional[Float[Array, "cc H W"]] = None,
         *,
         conditioning_scale: Union[float, Float[Array, ""]] = 1.0,
+        added_cond_kwargs: Optional[AddedCondKwargs] = None,
     ) -> tuple[tuple[Float[Array, "..."], ...], Float[Array, "..."]]:
         """Arguments:
             sample: noisy latents `(C, h, w)`.
@@ -263,6 +266,7 @@ class ControlNetModel(eqx.Module):
             controlnet_cond: the condition image `(3, 8h, 8w)` in [0, 1]; required when the
                 adapter has a condition encoder, refused when it has none.
             conditioning_scale: multiplies every residual.
+            added_cond_kwargs: SDXL's `text_embeds` and `time_ids` (as for the UNet).
 
         Returns:
             `(down_residuals, mid_residual)` for `UNet2DConditionModel.__call__`.
@@ -274,11 +278,8 @@ class ControlNetModel(eqx.Module):
                 else "this adapter has no condition encoder: pass controlnet_cond=None"
             )
         context = encoder_hidden_states.astype(self.dtype)
-        emb = timestep_embedding(
-            timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-            freq_shift=cfg.freq_shift,
-        )
-        temb = self.time_embedding(emb.astype(self.dtype))
+        temb = embed_time(cfg, self.time_embedding, self.add_embedding, timestep,
+                          added_cond_kwargs, self.dtype)
         x = self.conv_in(sample)
         if self.controlnet_cond_embedding is not None:
             cond = controlnet_cond

@@ -1,10 +1,12 @@
-"""The Stable Diffusion UNet (`UNet2DConditionModel`), SD 1.x and SD 2.x families."""
+"""The Stable Diffusion UNet (`UNet2DConditionModel`): SD 1.x, SD 2.x and SDXL (whose added
+`text_time` embedding takes the pooled text embedding and the micro-conditioning time ids)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import equinox as eqx
@@ -19,8 +21,51 @@ from ._unet_blocks import (
     TimestepEmbedding,
     UNetMidBlock2DCrossAttn,
     UpBlock2D,
+    added_time_embedding,
     timestep_embedding,
 )
+
+AddedCondKwargs = Mapping[str, Float[Array, "..."]]
+"""SDXL's added conditions of one example, as diffusers names them: `text_embeds` (the pooled
+text embedding, `(p,)`) and `time_ids` (original size, crop top-left, target size, `(6,)`)."""
+
+
+def add_embedding_of(cfg: "UNet2DConditionConfig", *, dtype, key) -> Optional[TimestepEmbedding]:
+    """The added embedding's MLP of a `text_time` config (None otherwise)."""
+    if cfg.addition_embed_type != "text_time":
+        return None
+    return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
+                             dtype=dtype, key=key)
+
+
+def embed_time(
+    cfg: "UNet2DConditionConfig", time_embedding: TimestepEmbedding,
+    add_embedding: Optional[TimestepEmbedding], timestep, added_cond_kwargs, dtype,
+) -> Float[Array, " t"]:
+    """The embedding every resnet receives: the timestep's, plus SDXL's added embedding of
+    the pooled text embedding and the time ids (`added_cond_kwargs`, required there)."""
+    emb = timestep_embedding(
+        timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+    )
+    temb = time_embedding(emb.astype(dtype))
+    if add_embedding is None:
+        if added_cond_kwargs is not None:
+            raise ValueError("added_cond_kwargs given to a model without an added embedding "
+                             "(addition_embed_type is None)")
+        return temb
+    if added_cond_kwargs is None or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+        raise ValueError("this model (addition_embed_type='text_time', SDXL) needs "
+                         "added_cond_kwargs with 'text_embeds' and 'time_ids'")
+    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+    if text_embeds.shape != (cfg.pooled_text_dim,) or time_ids.shape != (6,):
+        raise ValueError(
+            f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids "
+            f"{tuple(time_ids.shape)}, expected ({cfg.pooled_text_dim},) and (6,)")
+    return temb + added_time_embedding(
+        add_embedding, text_embeds, time_ids, time_dim=cfg.addition_time_embed_dim,
+        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+    ).astype(temb.dtype)
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -31,7 +76,6 @@ _MID = ("UNetMidBlock2DCrossAttn",)
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "center_input_sample": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
@@ -50,9 +94,9 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "reverse_transformer_layers_per_block": None,
     "attention_type": "default",
     "act_fn": "silu",
-    "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None,
 }
+
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 def per_block(value: Any, n: int, name: str) -> tuple:
@@ -128,6 +172,34 @@ class UNet2DConditionConfig:
     """Kernel size of `conv_in`."""
     conv_out_kernel: int = 3
     """Kernel size of `conv_out`."""
+    addition_embed_type: Optional[str] = None
+    """`text_time` (SDXL): an embedding of the pooled text embedding and the time ids is added
+    to the timestep's; None for SD 1.x / 2.x."""
+    addition_time_embed_dim: Optional[int] = None
+    """Width of each time id's sinusoidal embedding (`text_time`; 256 in SDXL)."""
+    projection_class_embeddings_input_dim: Optional[int] = None
+    """Input width of the added embedding's MLP: the pooled text width plus 6 x
+    `addition_time_embed_dim` (`text_time`; 2816 in SDXL base)."""
+
+    def __post_init__(self):
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"UNet config: addition_embed_type={self.addition_embed_type!r} is not supported "
+                f"(expected None or 'text_time')")
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                "UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim")
+
+    @property
+    def pooled_text_dim(self) -> Optional[int]:
+        """Width of the pooled text embedding the added embedding takes (`text_time`), the
+        rest of its input being the six time ids' embeddings; None without one."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
 
     @property
     def num_blocks(self) -> int:
@@ -195,6 +267,9 @@ class UNet2DConditionConfig:
             mid_block_scale_factor=float(d.get("mid_block_scale_factor", 1.0)),
             conv_in_kernel=d.get("conv_in_kernel", 3),
             conv_out_kernel=d.get("conv_out_kernel", 3),
+            addition_embed_type=d.get("addition_embed_type"),
+            addition_time_embed_dim=d.get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
         )
 
     def to_dict(self) -> dict:
@@ -261,6 +336,7 @@ class UNet2DConditionModel(eqx.Module):
 
     conv_in: Conv2d
     time_embedding: TimestepEmbedding
+    add_embedding: Optional[TimestepEmbedding]
     down_blocks: tuple[DownBlock2D, ...]
     mid_block: UNetMidBlock2DCrossAttn
     up_blocks: tuple[UpBlock2D, ...]
@@ -281,6 +357,7 @@ class UNet2DConditionModel(eqx.Module):
             dtype=dtype, key=k_in,
         )
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, key=k_t)
+        self.add_embedding = add_embedding_of(cfg, dtype=dtype, key=jax.random.fold_in(k_t, 1))
         self.down_blocks = _down_blocks(cfg, dtype=dtype, key=k_down)
         self.mid_block = _mid_block(cfg, dtype=dtype, key=k_mid)
         rev_ch = cfg.block_out_channels[::-1]
@@ -318,13 +395,11 @@ class UNet2DConditionModel(eqx.Module):
     def dtype(self):
         return self.conv_in.weight.dtype
 
-    def time_embed(self, timestep) -> Float[Array, " t"]:
-        """The timestep's embedding, as fed to every resnet."""
-        emb = timestep_embedding(
-            timestep, self.config.block_out_channels[0],
-            flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift,
-        )
-        return self.time_embedding(emb.astype(self.dtype))
+    def time_embed(self, timestep, added_cond_kwargs: Optional[AddedCondKwargs] = None,
+                   ) -> Float[Array, " t"]:
+        """The embedding fed to every resnet: the timestep's (plus SDXL's added embedding)."""
+        return embed_time(self.config, self.time_embedding, self.add_embedding, timestep,
+                          added_cond_kwargs, self.dtype)
 
     @jax.named_scope("codi_eqx.UNet2DConditionModel")
     def __call__(
@@ -333,6 +408,7 @@ class UNet2DConditionModel(eqx.Module):
         timestep: Timestep,
         encoder_hidden_states: Float[Array, "seq d"],
         *,
+        added_cond_kwargs: Optional[AddedCondKwargs] = None,
         down_block_additional_residuals: Optional[Sequence[Float[Array, "..."]]] = None,
         mid_block_additional_residual: Optional[Float[Array, "..."]] = None,
     ) -> Float[Array, "cout h w"]:
@@ -341,6 +417,8 @@ class UNet2DConditionModel(eqx.Module):
                 as in diffusers (upsampling to each skip's size).
             timestep: a scalar timestep (integer or fractional).
             encoder_hidden_states: text embeddings `(L, D)`.
+            added_cond_kwargs: SDXL's `text_embeds` `(p,)` and `time_ids` `(6,)`; required by
+                a `text_time` model, refused by others.
             down_block_additional_residuals: adapter residuals, one per skip connection.
             mid_block_additional_residual: adapter residual of the mid block.
 
@@ -348,7 +426,7 @@ class UNet2DConditionModel(eqx.Module):
             The model output `(C_out, H, W)` (noise, velocity or sample, per the schedule).
         """
         context = encoder_hidden_states.astype(self.dtype)
-        temb = self.time_embed(timestep)
+        temb = self.time_embed(timestep, added_cond_kwargs)
         x = self.conv_in(sample)
         skips: list = [x]
         for block in self.down_blocks:

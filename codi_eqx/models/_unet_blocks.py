@@ -50,6 +50,21 @@ class TimestepEmbedding(eqx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
+def added_time_embedding(
+    add_embedding: TimestepEmbedding, text_embeds: Float[Array, " p"],
+    time_ids: Float[Array, " 6"], *, time_dim: int, flip_sin_to_cos: bool, freq_shift: float,
+) -> Float[Array, " t"]:
+    """SDXL's added embedding (`addition_embed_type="text_time"`): each time id's sinusoidal
+    embedding of width `time_dim` (as the timestep's), concatenated after the pooled text
+    embedding, through the `add_embedding` MLP; added to the timestep's embedding."""
+    ids = jnp.asarray(time_ids, jnp.float32).reshape(-1)
+    times = jax.vmap(lambda v: timestep_embedding(
+        v, time_dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift))(ids)
+    dtype = add_embedding.linear_1.weight.dtype
+    x = jnp.concatenate([text_embeds.astype(jnp.float32), times.reshape(-1)]).astype(dtype)
+    return add_embedding(x)
+
+
 class GEGLU(eqx.Module):
     """`proj` to twice the width, then `hidden * gelu(gate)` (exact GELU)."""
 

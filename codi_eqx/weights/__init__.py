@@ -8,6 +8,7 @@ table and the load / save functions of a diffusers folder. (Original single-file
 are converted by a separate package built on this one; the library never imports it.)"""
 
 from ._clip import CLIP_NAME_MAP as CLIP_NAME_MAP
+from ._clip import CLIP_PROJECTION_NAME_MAP as CLIP_PROJECTION_NAME_MAP
 from ._clip import load_text_encoder as load_text_encoder
 from ._clip import save_text_encoder as save_text_encoder
 from ._diffusers import TensorSource as TensorSource

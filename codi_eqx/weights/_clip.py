@@ -5,9 +5,10 @@ with these exceptions:
 
 - `text_model.embeddings.position_ids`, a buffer of `arange(max_position_embeddings)` that
   older checkpoints (SD 1.x and 2.x among them) carry, holds no parameter: ignored.
-- `text_projection.weight` appears where the folder holds a text encoder *with projection*
-  (SDXL's `text_encoder_2`): it maps the pooled end-of-text state to the CLIP embedding space,
-  which Stable Diffusion's conditioning (the last hidden state) never uses: ignored.
+- `text_projection.weight`: a folder whose config names `CLIPTextModelWithProjection` (SDXL's
+  `text_encoder_2`) loads as `CLIPTextModelWithProjection`, whose projected pooled output
+  SDXL's UNet takes; read as a plain `CLIPTextModel` (any other config), the tensor is
+  ignored.
 - transformers 5 writes the keys without the `text_model.` prefix; those are read as
   aliases. Export writes the prefixed spelling, which both transformers 4 and 5 load.
 """
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .._atomic import atomic_path
-from ..models import CLIPTextConfig, CLIPTextModel
+from ..models import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from ._diffusers import read_config, read_tensors
 from ._errors import WeightsError
 from ._mapping import NameMap, export_state, load_state
@@ -37,33 +38,46 @@ CLIP_NAME_MAP = NameMap(
         r"text_projection\.weight",
     ),
 )
+CLIP_PROJECTION_NAME_MAP = NameMap(
+    aliases=CLIP_NAME_MAP.aliases, ignore=(r"(text_model\.)?embeddings\.position_ids",))
+
+
+def has_projection(config_dict: dict) -> bool:
+    """Whether a text encoder config is transformers' `CLIPTextModelWithProjection`."""
+    return "CLIPTextModelWithProjection" in (config_dict.get("architectures") or ())
 
 
 def load_text_encoder(
     folder: str | os.PathLike, *, dtype=jnp.float32, variant: Optional[str] = None
 ) -> CLIPTextModel:
     """The text encoder in `folder` (`config.json` and safetensors weights), parameters cast
-    to `dtype`. Raises `WeightsError` naming any tensor missing, unexpected or misshapen."""
+    to `dtype`: a `CLIPTextModelWithProjection` where the config names that architecture,
+    else a `CLIPTextModel`. Raises `WeightsError` naming any tensor missing, unexpected or
+    misshapen."""
     config_dict = read_config(folder)
     try:
         config = CLIPTextConfig.from_dict(config_dict)
     except (TypeError, ValueError) as e:
         path = Path(folder) / "config.json"
         raise WeightsError(f"{path}: not a CLIP text encoder config ({e})") from None
-    template = eqx.filter_eval_shape(CLIPTextModel, config, dtype=dtype, key=jax.random.key(0))
+    cls, name_map = ((CLIPTextModelWithProjection, CLIP_PROJECTION_NAME_MAP)
+                     if has_projection(config_dict) else (CLIPTextModel, CLIP_NAME_MAP))
+    template = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
     return load_state(
-        template, read_tensors(folder, variant), CLIP_NAME_MAP, dtype=dtype, what=str(folder)
+        template, read_tensors(folder, variant), name_map, dtype=dtype, what=str(folder)
     )
 
 
 def save_text_encoder(model: CLIPTextModel, folder: str | os.PathLike) -> None:
-    """Write `model` to `folder` as transformers' `CLIPTextModel` does: `config.json` and
+    """Write `model` to `folder` as transformers' `CLIPTextModel` (or
+    `CLIPTextModelWithProjection`) does: `config.json` and
     `model.safetensors` (in the parameters' dtype), written to a temporary folder, then
     renamed."""
-    tensors = export_state(model, CLIP_NAME_MAP)
+    projected = isinstance(model, CLIPTextModelWithProjection)
+    tensors = export_state(model, CLIP_PROJECTION_NAME_MAP if projected else CLIP_NAME_MAP)
     dtypes = {str(a.dtype) for a in tensors.values()}
     config = {
-        "architectures": ["CLIPTextModel"],
+        "architectures": [type(model).__name__],
         "model_type": "clip_text_model",
         **model.config.to_dict(),
         "attention_dropout": 0.0,
