@@ -9,6 +9,7 @@ split in the other). The condition image goes to both halves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import jax
@@ -17,7 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from ._tree import cast_floating
 from .diffusion import classifier_free_guidance
-from .models import ControlNetModel, UNet2DConditionModel
+from .models import ControlNetModel, TextConditioning, UNet2DConditionModel, unet_text_inputs
 
 ScaleLike = Union[float, int, Float[Array, ""]]
 TimestepArg = Union[int, Int[Array, ""], Float[Array, ""]]
@@ -34,7 +35,7 @@ def model_output(
     adapter: Optional[ControlNetModel],
     z: Float[Array, "c h w"],
     t: TimestepArg,
-    text_emb: Float[Array, "seq d"],
+    text_emb: TextConditioning,
     control_image: Optional[Float[Array, "3 H W"]] = None,
     conditioning_scale: ScaleLike = 1.0,
     *,
@@ -48,7 +49,8 @@ def model_output(
     - `adapter`: the adapter, or None for the UNet alone.
     - `z`: noisy latents `(C, h, w)` (float32; cast to the models' dtype for the call).
     - `t`: the integer timestep.
-    - `text_emb`: text embeddings `(L, D)`.
+    - `text_emb`: text embeddings `(L, D)`, or SDXL's text conditioning (a dict with the
+      pooled embedding and the time ids, `codi_eqx.models.TextConditioning`).
     - `control_image`: the condition image `(3, 8h, 8w)` in [0, 1], or None (an adapter
       without a condition encoder, or no adapter).
     - `conditioning_scale`: multiplies the adapter's residuals.
@@ -58,14 +60,15 @@ def model_output(
     **Returns:** `F`, shaped like `z`, float32.
     """
     unet, adapter = _cast_models(unet, adapter, dtype)
+    context, added = unet_text_inputs(text_emb)
     down, mid = None, None
     if adapter is not None:
         down, mid = adapter(
-            z.astype(adapter.dtype), t, text_emb, control_image,
-            conditioning_scale=conditioning_scale,
+            z.astype(adapter.dtype), t, context, control_image,
+            conditioning_scale=conditioning_scale, added_cond_kwargs=added,
         )
     out = unet(
-        z.astype(unet.dtype), t, text_emb,
+        z.astype(unet.dtype), t, context, added_cond_kwargs=added,
         down_block_additional_residuals=down, mid_block_additional_residual=mid,
     )
     return out.astype(jnp.float32)
@@ -76,8 +79,8 @@ def guided_model_output(
     adapter: Optional[ControlNetModel],
     z: Float[Array, "c h w"],
     t: TimestepArg,
-    cond_emb: Float[Array, "seq d"],
-    uncond_emb: Float[Array, "seq d"],
+    cond_emb: TextConditioning,
+    uncond_emb: TextConditioning,
     control_image: Optional[Float[Array, "3 H W"]] = None,
     guidance_scale: Optional[ScaleLike] = 1.0,
     conditioning_scale: ScaleLike = 1.0,
@@ -93,6 +96,7 @@ def guided_model_output(
 
     **Arguments:** as `model_output`, with `cond_emb` / `uncond_emb` the prompt's and the
     negative (or empty) prompt's embeddings `(L, D)` and `guidance_scale` the weight `w`.
+    SDXL's unconditional half takes the conditional half's time ids (the same image).
 
     **Returns:** the guided output, shaped like `z`, float32.
     """
@@ -101,7 +105,10 @@ def guided_model_output(
         isinstance(guidance_scale, (int, float)) and guidance_scale == 1
     ):
         return model_output(unet, adapter, z, t, cond_emb, control_image, conditioning_scale)
-    embs = jnp.stack([cond_emb, uncond_emb.astype(cond_emb.dtype)])  # (cond, uncond)
+    if isinstance(cond_emb, Mapping):
+        uncond_emb = {**uncond_emb, "time_ids": cond_emb["time_ids"]}
+    embs = jax.tree.map(  # (cond, uncond)
+        lambda c, u: jnp.stack([c, u.astype(c.dtype)]), cond_emb, uncond_emb)
     both = jax.vmap(
         lambda e: model_output(unet, adapter, z, t, e, control_image, conditioning_scale)
     )(embs)

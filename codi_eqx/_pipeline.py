@@ -1,4 +1,5 @@
-"""Loading a whole Stable Diffusion model: UNet, VAE, text encoder, tokenizer, noise schedule."""
+"""Loading a whole Stable Diffusion model: UNet, VAE, text encoder(s), tokenizer(s), noise
+schedule. SDXL pipelines (a second text encoder and tokenizer) load through the same call."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from . import weights
 from ._tree import FLOAT_DTYPES
 from .diffusion import NoiseSchedule
-from .models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from .models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    ControlNetModel,
+    SDXLTextEncoders,
+    UNet2DConditionModel,
+)
 from .weights import WeightsError, load_text_encoder, load_unet, load_vae
 
 
@@ -22,7 +31,8 @@ from .weights import WeightsError, load_text_encoder, load_unet, load_vae
 class Pipeline:
     """The components of a Stable Diffusion model. The models are Equinox pytrees; the
     tokenizer is transformers' `CLIPTokenizer`; `scheduler_config` is the raw
-    `scheduler/scheduler_config.json` and `schedule` the noise schedule built from it."""
+    `scheduler/scheduler_config.json` and `schedule` the noise schedule built from it.
+    SDXL adds `text_encoder_2` and `tokenizer_2` (None otherwise)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -31,6 +41,34 @@ class Pipeline:
     scheduler_config: dict
     schedule: NoiseSchedule
     path: Path
+    text_encoder_2: Optional[CLIPTextModelWithProjection] = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True
+    """SDXL: the empty prompt's conditioning is zeros (its pipelines' setting)."""
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (two text encoders, time ids)."""
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def text_encoders(self):
+        """The model that maps `tokenize`'s ids of one prompt to its text conditioning: the
+        text encoder (SD 1.x / 2.x), or `SDXLTextEncoders` of both (SDXL)."""
+        if self.text_encoder_2 is None:
+            return self.text_encoder
+        empty = np.asarray(self.tokenize([""]))[0]
+        return SDXLTextEncoders(
+            self.text_encoder, self.text_encoder_2,
+            tuple(tuple(int(i) for i in row) for row in empty),
+            self.force_zeros_for_empty_prompt,
+        )
+
+    @property
+    def default_resolution(self) -> int:
+        """The image size the UNet was trained at (`sample_size` x the VAE's factor): 512 for
+        SD 1.5, 768 for SD 2.x-v, 1024 for SDXL."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
@@ -42,12 +80,20 @@ class Pipeline:
         return self.vae.config.downsample_factor
 
     def tokenize(self, prompts: list[str]) -> jnp.ndarray:
-        """Token ids `(B, model_max_length)`, padded and truncated as Stable Diffusion does."""
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True,
-            max_length=self.tokenizer.model_max_length, return_tensors="np",
-        ).input_ids
-        return jnp.asarray(ids, jnp.int32)
+        """Token ids `(B, model_max_length)`, padded and truncated as Stable Diffusion does;
+        SDXL: `(B, 2, model_max_length)`, one row per tokenizer."""
+        ids = _token_ids(self.tokenizer, prompts)
+        if self.tokenizer_2 is None:
+            return jnp.asarray(ids, jnp.int32)
+        ids_2 = _token_ids(self.tokenizer_2, prompts)
+        return jnp.asarray(np.stack([ids, ids_2], axis=1), jnp.int32)
+
+
+def _token_ids(tokenizer, prompts) -> np.ndarray:
+    return tokenizer(
+        list(prompts), padding="max_length", truncation=True,
+        max_length=tokenizer.model_max_length, return_tensors="np",
+    ).input_ids
 
 
 MODEL_FORMAT = "codi-eqx-model"
@@ -126,7 +172,7 @@ def load_pipeline(
 
     Returns:
         A `Pipeline` with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`,
-        `.scheduler_config` and `.schedule`.
+        `.scheduler_config` and `.schedule` (SDXL: also `.text_encoder_2`, `.tokenizer_2`).
     """
     root = resolve_model_path(path)
     if not root.is_dir():
@@ -155,21 +201,67 @@ def load_pipeline(
         schedule = NoiseSchedule.from_config(scheduler_config)
     except ValueError as e:
         raise WeightsError(f"{scheduler_file}: {e}") from None
-    from transformers import CLIPTokenizer
-
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-    except Exception as e:  # transformers raises many kinds here
-        raise WeightsError(f"{root / 'tokenizer'}: cannot load the tokenizer ({e})") from None
-    return Pipeline(
-        unet=load_unet(root / "unet", dtype=dtype, variant=variant, remat=remat),
+    tokenizer = _load_tokenizer(root / "tokenizer")
+    unet = load_unet(root / "unet", dtype=dtype, variant=variant, remat=remat)
+    sdxl = unet.config.addition_embed_type == "text_time"
+    text_encoder_2 = tokenizer_2 = None
+    if sdxl:
+        for part in ("text_encoder_2", "tokenizer_2"):
+            if not (root / part).is_dir():
+                raise WeightsError(f"{root}: an SDXL UNet but no {part}/ folder (SDXL has two "
+                                   "text encoders and two tokenizers)")
+        tokenizer_2 = _load_tokenizer(root / "tokenizer_2")
+        text_encoder_2 = load_text_encoder(root / "text_encoder_2", dtype=dtype, variant=variant)
+        if not isinstance(text_encoder_2, CLIPTextModelWithProjection):
+            raise WeightsError(f"{root / 'text_encoder_2'}: SDXL's second text encoder must be "
+                               "a CLIPTextModelWithProjection (its config's architectures)")
+        if tokenizer.model_max_length != tokenizer_2.model_max_length:
+            raise WeightsError(
+                f"{root}: the tokenizers' lengths differ ({tokenizer.model_max_length} and "
+                f"{tokenizer_2.model_max_length})")
+    text_encoder = load_text_encoder(root / "text_encoder", dtype=dtype, variant=variant)
+    pipe = Pipeline(
+        unet=unet,
         vae=load_vae(root / "vae", dtype=dtype, variant=variant),
-        text_encoder=load_text_encoder(root / "text_encoder", dtype=dtype, variant=variant),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         schedule=schedule,
         path=root,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=bool(
+            _model_index(root).get("force_zeros_for_empty_prompt", True)),
     )
+    if sdxl:
+        width = (text_encoder.config.hidden_size + text_encoder_2.config.hidden_size)
+        pooled = text_encoder_2.config.projection_dim
+        if unet.config.cross_attention_dim[0] != width or unet.config.pooled_text_dim != pooled:
+            raise WeightsError(
+                f"{root}: the UNet takes text of width {unet.config.cross_attention_dim[0]} and a "
+                f"pooled embedding of {unet.config.pooled_text_dim}; the text encoders give "
+                f"{width} and {pooled}")
+    return pipe
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises many kinds here
+        raise WeightsError(f"{folder}: cannot load the tokenizer ({e})") from None
+
+
+def _model_index(root: Path) -> dict:
+    path = root / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    return index if isinstance(index, dict) else {}
 
 
 def load_adapter(path: str | os.PathLike, *, dtype: Any = None) -> ControlNetModel:

@@ -209,6 +209,70 @@ def make_tiny_pipeline(folder: Path, *, prediction_type: str = "epsilon", seed: 
     return folder
 
 
+SDXL_PIPELINE_UNET = dict(
+    SDXL_UNET,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=[2, 4],
+    transformer_layers_per_block=[1, 2],
+)
+"""A tiny SDXL UNet for whole-pipeline tests (text widths 16 + 24, pooled 24)."""
+
+
+def make_tiny_sdxl_pipeline(folder: Path, *, seed: int = 0) -> Path:
+    """A complete tiny random SDXL model in diffusers' directory format: the `text_time`
+    UNet, a VAE downsampling by 8 (scaling factor 0.13025), `text_encoder` (CLIP, quick_gelu,
+    width 16) and `text_encoder_2` (with projection, gelu, width 24, projection 24), two
+    tokenizers (the second padding with "!", as SDXL's), the scheduler, and a
+    `model_index.json` naming `StableDiffusionXLPipeline`."""
+    import diffusers
+    import transformers
+
+    from codi_eqx._tiny_tokenizer import write_tiny_clip_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_clip_tokenizer(folder / "tokenizer", model_max_length=16)
+    write_tiny_clip_tokenizer(folder / "tokenizer_2", model_max_length=16)
+    cfg2 = read_json(folder / "tokenizer_2" / "tokenizer_config.json")
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(
+        json.dumps({**cfg2, "pad_token": "!"}))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    for sub, width, act, cls in (
+        ("text_encoder", 16, "quick_gelu", transformers.CLIPTextModel),
+        ("text_encoder_2", 24, "gelu", transformers.CLIPTextModelWithProjection),
+    ):
+        config = transformers.CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
+            hidden_act=act, projection_dim=24, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        model = cls(config).eval()
+        randomize_(model, seed + width, scale=0.05)
+        model.save_pretrained(folder / sub, safe_serialization=True)
+    unet = make_unet(SDXL_PIPELINE_UNET, seed + 2)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae = diffusers.AutoencoderKL(**PIPELINE_VAE, scaling_factor=0.13025).eval()
+    randomize_(vae, seed + 3, scale=0.05)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }))
+    return folder
+
+
 def diffusers_controlnet_error(adapter, folder: Path, *, seed: int = 0) -> float:
     """Load `folder` with diffusers' `ControlNetModel` and run it and `adapter` (ours) on the
     same seeded example (8x8 latents, a 64x64 condition image where the adapter takes one, at

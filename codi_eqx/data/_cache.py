@@ -6,6 +6,7 @@ Layout under the cache directory:
     cache.json                     {"format", "fingerprint", "resolution", "encoder"}
     latents/<xyz>/<index>.npz      the VAE posterior of example `index`: mean, logvar (float16)
     text/<ab>/<sha256>.npy         the text embedding of one caption string (float16)
+    text/<ab>/<sha256>.npz         SDXL: its hidden states and pooled embedding (float16)
 
 The posterior (not a sample) is stored so that training still samples from it. Text embeddings
 are keyed by caption, not by example, so that list captions and empty prompts stay random.
@@ -33,8 +34,9 @@ FORMAT = 1
 
 EncodeImages = Callable[[np.ndarray], tuple]
 """(B, 3, R, R) float32 in [-1, 1] -> (mean, logvar), each (B, C, h, w)."""
-EncodeTexts = Callable[[list], np.ndarray]
-"""B captions -> (B, seq, d) text embeddings."""
+EncodeTexts = Callable[[list], Union[np.ndarray, dict]]
+"""B captions -> (B, seq, d) text embeddings; SDXL: a dict of those (`text_embeddings`) and
+the pooled embeddings (`pooled_text_embeddings`, (B, p))."""
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -86,9 +88,9 @@ class LatentCache:
     def _latent_path(self, index: int) -> Path:
         return self.directory / "latents" / f"{int(index) % 4096:03x}" / f"{int(index)}.npz"
 
-    def _text_path(self, caption: str) -> Path:
+    def _text_path(self, caption: str, suffix: str = ".npy") -> Path:
         digest = hashlib.sha256(caption.encode("utf-8")).hexdigest()
-        return self.directory / "text" / digest[:2] / f"{digest}.npy"
+        return self.directory / "text" / digest[:2] / f"{digest}{suffix}"
 
     def put_latents(self, index: int, mean: np.ndarray, logvar: np.ndarray) -> None:
         """Store the posterior of example `index`."""
@@ -98,8 +100,15 @@ class LatentCache:
                          logvar=np.asarray(logvar, np.float16))
         _atomic_write(self._latent_path(index), write)
 
-    def put_text(self, caption: str, embedding: np.ndarray) -> None:
-        """Store the text embedding of `caption`."""
+    def put_text(self, caption: str, embedding: Union[np.ndarray, dict]) -> None:
+        """Store the text embedding of `caption` (SDXL: a dict of arrays)."""
+        if isinstance(embedding, dict):
+            def write(p: Path) -> None:
+                with open(p, "wb") as f:
+                    np.savez(f, **{k: np.asarray(v, np.float16) for k, v in embedding.items()})
+            _atomic_write(self._text_path(caption, ".npz"), write)
+            return
+
         def write(p: Path) -> None:
             with open(p, "wb") as f:
                 np.save(f, np.asarray(embedding, np.float16))
@@ -113,10 +122,17 @@ class LatentCache:
         with np.load(path) as z:
             return z["mean"].astype(np.float32), z["logvar"].astype(np.float32)
 
-    def get_text(self, caption: str) -> Optional[np.ndarray]:
-        """The text embedding (float32) of `caption`, or None when not cached."""
+    def get_text(self, caption: str) -> Union[np.ndarray, dict, None]:
+        """The text embedding (float32) of `caption` (SDXL: a dict), or None when not
+        cached."""
         path = self._text_path(caption)
-        return np.load(path).astype(np.float32) if path.is_file() else None
+        if path.is_file():
+            return np.load(path).astype(np.float32)
+        path = self._text_path(caption, ".npz")
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: z[k].astype(np.float32) for k in z.files}
+        return None
 
     def encode(
         self,
@@ -128,7 +144,8 @@ class LatentCache:
         the given functions (on the missing examples / distinct captions only) and stored.
 
         **Returns:** `{"latent_mean": (B, C, h, w), "latent_logvar": (B, C, h, w),
-        "text_embeddings": (B, seq, d)}`, float32."""
+        "text_embeddings": (B, seq, d)}` (SDXL: also `"pooled_text_embeddings": (B, p)`),
+        float32."""
         indices: Sequence[int] = [int(i) for i in batch["index"]]
         captions: list = list(batch["caption"])
         latents = [self.get_latents(i) for i in indices]
@@ -149,15 +166,29 @@ class LatentCache:
             if encode_texts is None:
                 raise DataError(f"latent cache {self.directory}: caption {todo[0]!r} is not "
                                 "cached and no text encoder was given")
-            emb = np.asarray(encode_texts(todo))
-            for c, e in zip(todo, emb):
+            emb = encode_texts(todo)
+            rows = ([{k: np.asarray(v)[j] for k, v in emb.items()} for j in range(len(todo))]
+                    if isinstance(emb, dict) else list(np.asarray(emb)))
+            for c, e in zip(todo, rows):
                 self.put_text(c, e)
-                texts[c] = e.astype(np.float16).astype(np.float32)
-        return {
+                texts[c] = _through_float16(e)
+        out = {
             "latent_mean": _stack([m for m, _ in latents]),
             "latent_logvar": _stack([lv for _, lv in latents]),
-            "text_embeddings": _stack([texts[c] for c in captions]),
         }
+        if isinstance(texts[captions[0]], dict):
+            for key in texts[captions[0]]:
+                out[key] = _stack([texts[c][key] for c in captions])
+        else:
+            out["text_embeddings"] = _stack([texts[c] for c in captions])
+        return out
+
+
+def _through_float16(e):
+    """What reading `e` back from the cache gives (stored as float16)."""
+    if isinstance(e, dict):
+        return {k: np.asarray(v).astype(np.float16).astype(np.float32) for k, v in e.items()}
+    return np.asarray(e).astype(np.float16).astype(np.float32)
 
 
 def _stack(arrays: list) -> Float[np.ndarray, "batch ..."]:

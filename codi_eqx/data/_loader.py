@@ -60,7 +60,9 @@ class DataLoader:
 
     Iterating yields dicts: `pixel_values` float32 (B, 3, R, R) in [-1, 1],
     `conditioning_pixel_values` float32 (B, 3, R, R) in [0, 1] (conditioned data only),
-    `caption` list of B strings, `index` int64 (B,), with B = global batch / process_count.
+    `caption` list of B strings, `index` int64 (B,), `original_size` and `crop_top_left`
+    int32 (B, 2) (each image's `(height, width)` before the resize and the crop's `(top,
+    left)`: SDXL's micro-conditioning), with B = global batch / process_count.
     Iteration starts at the position of `state_dict()` (see `load_state_dict`), which advances
     as batches are handed out."""
 
@@ -217,6 +219,8 @@ class DataLoader:
             "pixel_values": np.stack([e["pixel_values"] for e in examples]),
             "caption": [e["caption"] for e in examples],
             "index": np.asarray([e["index"] for e in examples], dtype=np.int64),
+            "original_size": np.stack([e["original_size"] for e in examples]),
+            "crop_top_left": np.stack([e["crop_top_left"] for e in examples]),
         }
         if self.conditioned:
             batch["conditioning_pixel_values"] = np.stack(

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ._transforms import ImageRef, image_to_array
+from ._transforms import ImageRef, image_to_array, image_to_array_coords
 
 Caption = Union[str, list]
 
@@ -58,12 +58,17 @@ def choose_caption(caption: Caption, spec: DecodeSpec, epoch: int, index: int) -
 
 
 def decode_example(raw: RawExample, spec: DecodeSpec, epoch: int) -> dict:
-    """Decode `raw` into `{"pixel_values", "conditioning_pixel_values"?, "caption", "index"}`.
+    """Decode `raw` into `{"pixel_values", "conditioning_pixel_values"?, "caption", "index",
+    "original_size", "crop_top_left"}`.
     Raises whatever the image decoder raises on an unreadable image."""
+    pixels, size, crop = image_to_array_coords(raw.image, spec.resolution, signed=True)
     out = {
-        "pixel_values": image_to_array(raw.image, spec.resolution, signed=True),
+        "pixel_values": pixels,
         "caption": choose_caption(raw.caption, spec, epoch, raw.index),
         "index": int(raw.index),
+        # SDXL's micro-conditioning: the image's size before the resize, the crop's corner.
+        "original_size": np.asarray(size, np.int32),
+        "crop_top_left": np.asarray(crop, np.int32),
     }
     if raw.conditioning is not None:
         out["conditioning_pixel_values"] = image_to_array(

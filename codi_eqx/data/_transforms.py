@@ -29,6 +29,14 @@ def decode_rgb(ref: ImageRef) -> Image.Image:
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the short side to `resolution` (bilinear), then crop the centre square."""
+    return resize_center_crop_coords(image, resolution)[0]
+
+
+def resize_center_crop_coords(
+    image: Image.Image, resolution: int
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """`resize_center_crop`, with what SDXL's micro-conditioning records: the original size
+    `(height, width)` and the crop's top-left corner `(top, left)` in the resized image."""
     w, h = image.size
     if w <= 0 or h <= 0:
         raise ValueError("empty image")
@@ -40,7 +48,7 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top = int(round((new_h - resolution) / 2.0))
     left = int(round((new_w - resolution) / 2.0))
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (h, w), (top, left)
 
 
 def to_chw(image: Image.Image, *, signed: bool) -> Float[np.ndarray, "3 R R"]:
@@ -54,3 +62,10 @@ def to_chw(image: Image.Image, *, signed: bool) -> Float[np.ndarray, "3 R R"]:
 def image_to_array(ref: ImageRef, resolution: int, *, signed: bool) -> Float[np.ndarray, "3 R R"]:
     """Decode, resize, crop and scale one image (see the module docstring)."""
     return to_chw(resize_center_crop(decode_rgb(ref), resolution), signed=signed)
+
+
+def image_to_array_coords(ref: ImageRef, resolution: int, *, signed: bool):
+    """`image_to_array`, with the original size `(h, w)` and the crop's top-left `(top,
+    left)` (`resize_center_crop_coords`)."""
+    image, size, crop = resize_center_crop_coords(decode_rgb(ref), resolution)
+    return to_chw(image, signed=signed), size, crop

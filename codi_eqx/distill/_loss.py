@@ -17,7 +17,12 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._model_output import guided_model_output
 from .._tree import cast_floating as cast_floating  # re-exported: its former home
 from ..diffusion import add_noise, consistency_output, distill_timestep, from_x_eps, to_x_eps
-from ..models import DiagonalGaussianDistribution, scale_latents
+from ..models import (
+    DiagonalGaussianDistribution,
+    TextConditioning,
+    scale_latents,
+    with_time_ids,
+)
 from ._config import DistillConfig
 from ._state import Frozen, Trainable
 
@@ -37,7 +42,7 @@ def _unet_of(params: Optional[Trainable], frozen: Frozen):
 
 def model_output(
     params: Optional[Trainable], frozen: Frozen, z: Float[Array, "c h w"], t,
-    text: Float[Array, "seq d"], cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
+    text: TextConditioning, cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
     *, use_adapter: bool = True,
 ) -> Float[Array, "c h w"]:
     """F(z, t): the UNet's raw output with the adapter's residuals added (`use_adapter`),
@@ -120,12 +125,26 @@ def example_latents(frozen: Frozen, example: dict, posterior_noise) -> Float[Arr
     return frozen.vae.encode_latents(example["pixel_values"], posterior_noise)
 
 
-def example_text(frozen: Frozen, example: dict) -> Float[Array, "seq d"]:
+def example_text(frozen: Frozen, example: dict) -> TextConditioning:
+    """The example's text conditioning: cached (`text_embeddings`, SDXL's also
+    `pooled_text_embeddings`) or encoded from `input_ids`; SDXL's with the example's
+    `time_ids`."""
     if "text_embeddings" in example:
-        return example["text_embeddings"].astype(jnp.float32)
-    if frozen.text_encoder is None:
+        text = example["text_embeddings"].astype(jnp.float32)
+        if "pooled_text_embeddings" in example:
+            text = {"encoder_hidden_states": text,
+                    "text_embeds": example["pooled_text_embeddings"].astype(jnp.float32)}
+    elif frozen.text_encoder is None:
         raise ValueError("batches without cached text embeddings need the text encoder")
-    return frozen.text_encoder(example["input_ids"]).astype(jnp.float32)
+    else:
+        text = jax.tree.map(lambda a: a.astype(jnp.float32),
+                            frozen.text_encoder(example["input_ids"]))
+    if isinstance(text, dict):
+        if "time_ids" not in example:
+            raise ValueError("SDXL batches need time_ids (original size, crop top-left, "
+                             "target size) per example")
+        text = with_time_ids(text, example["time_ids"])
+    return text
 
 
 def diffusion_loss(
@@ -168,7 +187,7 @@ def teacher_params(params: Trainable, ema: Trainable, cfg: DistillConfig) -> Opt
 
 def teacher_output(
     params: Trainable, ema: Trainable, frozen: Frozen, z_t: Float[Array, "c h w"], t,
-    text: Float[Array, "seq d"], cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
+    text: TextConditioning, cond: Optional[Float[Array, "3 H W"]], cfg: DistillConfig,
     w: Float[Array, ""],
 ) -> Float[Array, "c h w"]:
     """F_teacher(z_t, t) of the one-step ODE, without gradient; guided at scale `w` with

@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Int, PRNGKeyArray
 
 from .._tree import cast_floating
 from ..diffusion import NoiseSchedule
-from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from ..models import (
+    AutoencoderKL,
+    ControlNetModel,
+    TextConditioning,
+    TextEncoder,
+    UNet2DConditionModel,
+)
 
 
 class Trainable(eqx.Module):
@@ -25,13 +32,14 @@ class Frozen(eqx.Module):
     """What the step reads but never changes. `unet` is the pretrained UNet: PE-CoDi's, and
     full CoDi's `uncontrol` one-step teacher (None in full CoDi otherwise: the trained UNet
     is in `Trainable`); `vae` / `text_encoder` may be None when the batches carry cached
-    latents / embeddings."""
+    latents / embeddings. SDXL's `text_encoder` is `SDXLTextEncoders` (both encoders) and
+    its `null_embedding` a dict without time ids (each example brings its own)."""
 
     unet: Optional[UNet2DConditionModel]
     vae: Optional[AutoencoderKL]
-    text_encoder: Optional[CLIPTextModel]
+    text_encoder: Optional[TextEncoder]
     schedule: NoiseSchedule
-    null_embedding: Float[Array, "seq d"]
+    null_embedding: TextConditioning
     """Text embeddings of the empty prompt (the unconditional branch of guidance)."""
 
 
@@ -61,9 +69,9 @@ def init_train_state(
 
 def make_frozen(
     unet: Optional[UNet2DConditionModel], vae: Optional[AutoencoderKL],
-    text_encoder: Optional[CLIPTextModel], schedule: NoiseSchedule,
-    null_input_ids: Optional[Int[Array, " seq"]] = None,
-    null_embedding: Optional[Float[Array, "seq d"]] = None,
+    text_encoder: Optional[TextEncoder], schedule: NoiseSchedule,
+    null_input_ids: Optional[Int[Array, "*n seq"]] = None,
+    null_embedding: Optional[TextConditioning] = None,
 ) -> Frozen:
     """`Frozen`, computing the empty prompt's embedding from `null_input_ids` when it is
     not given."""
@@ -71,4 +79,4 @@ def make_frozen(
         if text_encoder is None or null_input_ids is None:
             raise ValueError("make_frozen needs null_embedding, or a text encoder and null_input_ids")
         null_embedding = eqx.filter_jit(text_encoder)(null_input_ids)
-    return Frozen(unet, vae, text_encoder, schedule, jnp.asarray(null_embedding))
+    return Frozen(unet, vae, text_encoder, schedule, jax.tree.map(jnp.asarray, null_embedding))

@@ -5,6 +5,12 @@ from ._clip import CLIPTextModel as CLIPTextModel
 from ._clip import CLIPTextModelWithProjection as CLIPTextModelWithProjection
 from ._controlnet import ControlNetConfig as ControlNetConfig
 from ._controlnet import ControlNetModel as ControlNetModel
+from ._text_encoders import SDXLTextEncoders as SDXLTextEncoders
+from ._text_encoders import TextConditioning as TextConditioning
+from ._text_encoders import TextEncoder as TextEncoder
+from ._text_encoders import sdxl_time_ids as sdxl_time_ids
+from ._text_encoders import unet_text_inputs as unet_text_inputs
+from ._text_encoders import with_time_ids as with_time_ids
 from ._unet import AddedCondKwargs as AddedCondKwargs
 from ._unet import UNet2DConditionConfig as UNet2DConditionConfig
 from ._unet import UNet2DConditionModel as UNet2DConditionModel

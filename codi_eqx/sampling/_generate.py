@@ -26,7 +26,15 @@ from ..diffusion import (
     ddim_step,
     ddim_timesteps,
 )
-from ..models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel
+from ..models import (
+    AutoencoderKL,
+    ControlNetModel,
+    TextConditioning,
+    TextEncoder,
+    UNet2DConditionModel,
+    sdxl_time_ids,
+    with_time_ids,
+)
 from ..parallel import batch_sharding, make_mesh, replicate
 from ._options import SAMPLERS, sampling_options
 from ._samplers import codi_step
@@ -50,6 +58,9 @@ class SamplerSpec:
     """`(C, h, w)` of the latents."""
     timestep_scaling: float = 10.0
     """`tau` of the consistency scalings (CoDi only)."""
+    time_ids: Optional[tuple[float, ...]] = None
+    """SDXL's micro-conditioning of every image (original size, crop top-left, target
+    size), None for SD 1.x / 2.x."""
 
 
 def sampler_timesteps(
@@ -90,17 +101,22 @@ def _step_spec(spec: SamplerSpec) -> StepSpec:
 
 @eqx.filter_jit
 def _initial_batch(
-    text_encoder: CLIPTextModel,
+    text_encoder: TextEncoder,
     cfg: bool,
     latent_shape: tuple[int, int, int],
-    ids: Int[Array, "b seq"],
-    negative_ids: Int[Array, "b seq"],
+    ids: Int[Array, "b *n seq"],
+    negative_ids: Int[Array, "b *n seq"],
     indices: Int[Array, " b"],
     seed: Int[Array, ""],
+    time_ids: Optional[tuple[float, ...]] = None,
 ):
-    """Text embeddings of the prompts (and negative prompts) and each image's initial noise."""
+    """Text embeddings of the prompts (and negative prompts) and each image's initial noise
+    (SDXL: the text conditioning with `time_ids`)."""
     cond = jax.vmap(text_encoder)(ids)
     uncond = jax.vmap(text_encoder)(negative_ids) if cfg else cond
+    if time_ids is not None:
+        batch_ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (ids.shape[0], 6))
+        cond, uncond = with_time_ids(cond, batch_ids), with_time_ids(uncond, batch_ids)
     base = jax.random.key(seed)
     z = jax.vmap(
         lambda i: jax.random.normal(jax.random.fold_in(base, i), latent_shape, jnp.float32)
@@ -114,8 +130,8 @@ def sampler_step_batch(
     adapter: Optional[ControlNetModel],
     schedule: NoiseSchedule,
     step: StepSpec,
-    cond: Float[Array, "b seq d"],
-    uncond: Float[Array, "b seq d"],
+    cond: TextConditioning,
+    uncond: TextConditioning,
     control: Optional[Float[Array, "b 3 H W"]],
     z: Float[Array, "b c h w"],
     t: Int[Array, ""],
@@ -156,12 +172,12 @@ def decode_latents(vae: AutoencoderKL, z: Float[Array, "c h w"]) -> UInt8[Array,
 def sample_batch(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
+    text_encoder: TextEncoder,
     adapter: Optional[ControlNetModel],
     schedule: NoiseSchedule,
     spec: SamplerSpec,
-    ids: Int[Array, "b seq"],
-    negative_ids: Int[Array, "b seq"],
+    ids: Int[Array, "b *n seq"],
+    negative_ids: Int[Array, "b *n seq"],
     control: Optional[Float[Array, "b 3 H W"]],
     indices: Int[Array, " b"],
     seed: Int[Array, ""],
@@ -181,9 +197,11 @@ def sample_batch(
 
     **Arguments:**
 
-    - `unet`, `vae`, `text_encoder`: the pipeline's models; `adapter`: or None.
+    - `unet`, `vae`, `text_encoder`: the pipeline's models (`text_encoder`: its
+      `text_encoders`, both of SDXL's); `adapter`: or None.
     - `schedule`: the noise schedule; `spec`: the static sampler description.
-    - `ids`, `negative_ids`: token ids of each image's prompt and negative prompt `(B, L)`.
+    - `ids`, `negative_ids`: token ids of each image's prompt and negative prompt `(B, L)`
+      (SDXL: `(B, 2, L)`).
     - `control`: condition images `(B, 3, H, W)` in [0, 1], or None.
     - `indices`: each image's global index `(B,)`; `seed`: the run's seed.
     - `guidance_scale`, `conditioning_scale`: scalars.
@@ -191,7 +209,8 @@ def sample_batch(
     **Returns:** images `(B, H, W, 3)`, uint8.
     """
     cond, uncond, z = _initial_batch(
-        text_encoder, spec.cfg, spec.latent_shape, ids, negative_ids, indices, seed
+        text_encoder, spec.cfg, spec.latent_shape, ids, negative_ids, indices, seed,
+        spec.time_ids,
     )
     step = _step_spec(spec)
     n = len(spec.timesteps)
@@ -348,6 +367,9 @@ def generate(
         cfg=float(guidance_scale) != 1.0,
         latent_shape=(pipe.unet.config.in_channels, height // factor, width // factor),
         timestep_scaling=opts.timestep_scaling,
+        # SDXL: generated at the asked size, uncropped, as diffusers' pipeline conditions it.
+        time_ids=(sdxl_time_ids((height, width), (0, 0), (height, width))
+                  if pipe.unet.config.addition_embed_type == "text_time" else None),
     )
 
     total = len(prompts) * num_images_per_prompt
@@ -362,7 +384,7 @@ def generate(
     schedule = pipe.schedule
     if opts.prediction_type != schedule.prediction_type:
         schedule = dataclasses.replace(schedule, prediction_type=opts.prediction_type)
-    models = (pipe.unet, pipe.vae, pipe.text_encoder, adapter, schedule)
+    models = (pipe.unet, pipe.vae, pipe.text_encoders, adapter, schedule)
     if sharding is not None:
         models = replicate(models, sharding.mesh)
     unet, vae, text_encoder, adapter, schedule = models

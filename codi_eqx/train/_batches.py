@@ -21,6 +21,7 @@ class Encoders:
         import jax.numpy as jnp
 
         self.pipe, self.batch_size = pipe, batch_size
+        self.text_encoders = pipe.text_encoders
         self.images = self.captions = 0
 
         def posterior(vae, x):
@@ -30,7 +31,11 @@ class Encoders:
             return jax.vmap(one)(x)
 
         def texts(text_encoder, ids):
-            return jax.vmap(text_encoder)(ids).astype(jnp.float32)
+            out = jax.tree.map(lambda a: a.astype(jnp.float32), jax.vmap(text_encoder)(ids))
+            if isinstance(out, dict):  # SDXL: the cache's names
+                return {"text_embeddings": out["encoder_hidden_states"],
+                        "pooled_text_embeddings": out["text_embeds"]}
+            return out
 
         self._posterior = eqx.filter_jit(posterior)
         self._texts = eqx.filter_jit(texts)
@@ -49,15 +54,15 @@ class Encoders:
         self.images += n
         return mean[:n], logvar[:n]
 
-    def encode_texts(self, captions: list) -> np.ndarray:
+    def encode_texts(self, captions: list):
         import jax
 
         n = len(captions)
         ids = np.asarray(self.pipe.tokenize(list(captions) + [""] * (self._pad(n) - n)))
         with jax.numpy_dtype_promotion("standard"):
-            emb = jax.device_get(self._texts(self.pipe.text_encoder, ids))
+            emb = jax.device_get(self._texts(self.text_encoders, ids))
         self.captions += n
-        return emb[:n]
+        return jax.tree.map(lambda a: a[:n], emb)
 
 
 def open_cache(config: TrainConfig, model_path: Path, dataset_fingerprint: str):
@@ -86,6 +91,8 @@ class StepBatches:
     def __init__(self, config: TrainConfig, pipe, cache, local_batch_size: int):
         self.pipe, self.cache = pipe, cache
         self.conditional = config.distill_type == "conditional"
+        self.sdxl = pipe.is_sdxl
+        self.resolution = config.resolution
         self.encoders: Encoders | None = None
         if cache is not None:
             self.encoders = Encoders(pipe, local_batch_size)
@@ -102,8 +109,22 @@ class StepBatches:
             batch = {"latent_mean": mean, "latent_logvar": enc["latent_logvar"],
                      "scaling_factor": np.full((len(mean),), self.scaling, np.float32),
                      "text_embeddings": enc["text_embeddings"]}
+            if "pooled_text_embeddings" in enc:
+                batch["pooled_text_embeddings"] = enc["pooled_text_embeddings"]
             if self.shift is not None:  # the step's example_latents applies it, as for images
                 batch["shift_factor"] = np.full((len(mean),), self.shift, np.float32)
         if self.conditional:
             batch["conditioning_pixel_values"] = raw["conditioning_pixel_values"]
+        if self.sdxl:
+            batch["time_ids"] = time_ids(raw, self.resolution)
         return batch
+
+
+def time_ids(raw: dict, resolution: int) -> np.ndarray:
+    """SDXL's micro-conditioning of a loader batch, `(B, 6)` float32: each image's original
+    size, its crop's top-left corner and the target size (the training resolution), as
+    diffusers' SDXL training scripts record them."""
+    n = len(raw["caption"])
+    target = np.full((n, 2), resolution, np.float32)
+    return np.concatenate([np.asarray(raw["original_size"], np.float32),
+                           np.asarray(raw["crop_top_left"], np.float32), target], axis=1)

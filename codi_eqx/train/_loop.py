@@ -183,7 +183,7 @@ class _Run:
         # stays in `Frozen` only where the step reads it (the `uncontrol` teacher).
         params = Trainable(adapter, unet=pipe.unet if config.full_codi else None)
         frozen = make_frozen(pipe.unet if distill_cfg.needs_frozen_unet else None, pipe.vae,
-                             pipe.text_encoder, pipe.schedule,
+                             pipe.text_encoders, pipe.schedule,
                              null_input_ids=pipe.tokenize([""])[0])
         if cache is not None:
             # The step reads cached latents / embeddings: it never sees the encoders.
