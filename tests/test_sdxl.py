@@ -5,6 +5,8 @@ pipeline."""
 
 from __future__ import annotations
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -120,3 +122,218 @@ def test_ddim_sampling_matches_diffusers(sdxl):
     print(f"\n[parity] SDXL DDIM 4 steps: max |ours - theirs| = {diff.max():.0f} / 255")
     assert ours.shape == (1, 64, 64, 3)
     assert diff.max() <= 2
+
+
+# ------------------------------------------------------------------ training and sampling
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(sdxl, tmp_path_factory):
+    """`codi train` for 4 steps on the tiny SDXL model and a seed-layout dataset (edge
+    condition images), then `codi sample` with its adapter."""
+    from helpers import base, invoke, make_seed_folder, why
+
+    folder, _ = sdxl
+    root = tmp_path_factory.mktemp("sdxl-train")
+    data = make_seed_folder(root / "data", n=8)
+    result = invoke(*base(folder, data, root / "run"), "--proportion_empty_prompts", "0.5")
+    assert result.exit_code == 0, why(result)
+    return folder, data, root
+
+
+def test_codi_train_on_sdxl(sdxl_run):
+    from helpers import rows
+
+    folder, _, root = sdxl_run
+    out = root / "run"
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    history = rows(out)
+    assert len(history) == 4 and all(np.isfinite(r["loss"]) for r in history)
+    config = json.loads((out / "config.json").read_text())
+    assert config["addition_embed_type"] == "text_time"
+    assert config["projection_class_embeddings_input_dim"] == 24 + 6 * 8
+
+
+def test_codi_sample_on_sdxl(sdxl_run, tmp_path):
+    import typer
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.sample import sample
+
+    folder, data, root = sdxl_run
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command("sample")(sample)
+    app.command("other")(lambda: None)
+    edges = sorted((data / "processed_images").iterdir())[0]
+    result = CliRunner().invoke(app, [
+        "sample", "--model", str(folder), "--adapter", str(root / "run"), "--prompt", "a cat",
+        "--control_image", str(edges), "--resolution", "32", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 0, result.output
+    image = Image.open(tmp_path / "x.png")
+    assert image.size == (32, 32)
+    assert np.asarray(image).std() > 0
+
+
+@pytest.mark.slow
+def test_sdxl_latent_cache_run(sdxl_run):
+    """With `--cache_latents`, both text embeddings are cached per caption (one .npz each)
+    and the run trains."""
+    from helpers import base, invoke, rows, why
+
+    folder, data, root = sdxl_run
+    out = root / "cached"
+    result = invoke(*base(folder, data, out), "--cache_latents", root / "cache")
+    assert result.exit_code == 0, why(result)
+    texts = list((root / "cache" / "text").rglob("*.npz"))
+    assert texts
+    with np.load(texts[0]) as z:
+        assert set(z.files) == {"text_embeddings", "pooled_text_embeddings"}
+        assert z["text_embeddings"].shape == (16, 40) and z["pooled_text_embeddings"].shape == (24,)
+    assert all(np.isfinite(r["loss"]) for r in rows(out))
+
+
+@pytest.mark.slow
+def test_sdxl_devices_match_one_device(sdxl):
+    """The SDXL step (pooled embeddings and time ids in the batch) on 4 simulated devices
+    gives the single device's losses and parameters."""
+    import math
+
+    from helpers import run_train_steps
+
+    from codi_eqx import distill
+    from codi_eqx.models import ControlNetModel
+
+    folder, _ = sdxl
+    pipe = load_pipeline(folder)
+    adapter = ControlNetModel.from_unet(pipe.unet, conditioning_channels=3, key=jax.random.key(1))
+    adapter = jax.tree.map(
+        lambda a: a + 0.02 * jax.random.normal(jax.random.key(5), a.shape, a.dtype)
+        if eqx.is_inexact_array(a) else a, adapter)
+    null = eqx.filter_jit(pipe.text_encoders)(pipe.tokenize([""])[0])
+    frozen = distill.make_frozen(pipe.unet, None, None, pipe.schedule, null_embedding=null)
+    params = distill.Trainable(adapter)
+
+    def batch(seed):
+        r = np.random.default_rng(seed)
+        return {
+            "latent_mean": r.standard_normal((4, 4, 4, 4)).astype(np.float32),
+            "latent_logvar": r.uniform(-4, -1, (4, 4, 4, 4)).astype(np.float32),
+            "scaling_factor": np.full((4,), 0.13025, np.float32),
+            "text_embeddings": r.standard_normal((4, 16, 40)).astype(np.float32),
+            "pooled_text_embeddings": r.standard_normal((4, 24)).astype(np.float32),
+            "time_ids": np.tile(np.array([40, 32, 4, 0, 32, 32], np.float32), (4, 1)),
+            "conditioning_pixel_values": r.uniform(0, 1, (4, 3, 32, 32)).astype(np.float32),
+        }
+
+    batches = [batch(0), batch(1)]
+    cfg = distill.DistillConfig()
+    ref_state, ref, _ = run_train_steps(frozen, params, cfg, devices=1, batches=batches)
+    state, hist, _ = run_train_steps(frozen, params, cfg, devices=4, batches=batches)
+    for a, b in zip(hist, ref):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
+    p = [np.asarray(x, np.float64) for x in jax.tree.leaves(eqx.filter(state.params, eqx.is_inexact_array))]
+    q = [np.asarray(x, np.float64) for x in jax.tree.leaves(eqx.filter(ref_state.params, eqx.is_inexact_array))]
+    diff = math.sqrt(sum(float(np.sum(np.square(x - y))) for x, y in zip(p, q)))
+    norm = math.sqrt(sum(float(np.sum(np.square(y))) for y in q))
+    print(f"\n[parallel] SDXL 4 devices vs 1: loss {hist[-1]['loss']:.6e} vs {ref[-1]['loss']:.6e}, "
+          f"relative parameter difference {diff / norm:.2e}")
+    assert diff / norm <= 1e-5
+
+
+# ------------------------------------------------------------------ adapters in diffusers
+
+
+@pytest.mark.parametrize("conditioning", [3, None], ids=["cond", "nocond"])
+def test_sdxl_adapter_exports_to_diffusers(sdxl, conditioning, tmp_path):
+    """An SDXL adapter (added embedding included), written with `codi convert-weights --to
+    diffusers`, loads in diffusers' ControlNetModel with matching residuals, and converts
+    back to the same adapter."""
+    import typer
+    from helpers import diffusers_controlnet_error
+    from typer.testing import CliRunner
+
+    from cli.convert import convert_weights
+    from codi_eqx.models import ControlNetModel
+    from weights_conversion import load_adapter, save_adapter
+
+    folder, _ = sdxl
+    pipe = load_pipeline(folder)
+    adapter = ControlNetModel.from_unet(pipe.unet, conditioning_channels=conditioning,
+                                        key=jax.random.key(3))
+    adapter = jax.tree.map(  # the zero convolutions random too, so the residuals are not 0
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(4), a.shape, a.dtype)
+        if eqx.is_inexact_array(a) else a, adapter)
+    assert adapter.add_embedding is not None
+    save_adapter(adapter, tmp_path / "adapter")
+    app = typer.Typer()
+    app.command("convert-weights")(convert_weights)
+    app.command("other")(lambda: None)
+    out = tmp_path / "controlnet"
+    result = CliRunner().invoke(app, ["convert-weights", str(tmp_path / "adapter"), str(out),
+                                      "--to", "diffusers"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["addition_embed_type"] == "text_time"
+    error = diffusers_controlnet_error(adapter, out)
+    print(f"\n[parity] SDXL ControlNet ({'with' if conditioning else 'without'} a condition "
+          f"image) exported, in diffusers: max relative error {error:.1e}")
+    assert error <= 1e-4
+    if conditioning is None:  # diffusers' format always has a condition embedding
+        return
+    back = tmp_path / "back"
+    result = CliRunner().invoke(app, ["convert-weights", str(out), str(back)])
+    assert result.exit_code == 0, result.output
+    again = load_adapter(back)
+    for a, b in zip(jax.tree.leaves(eqx.filter(again, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(adapter, eqx.is_array))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sdxl_controlnet_from_a_diffusers_folder(sdxl, tmp_path):
+    """A ControlNet that diffusers builds from the SDXL UNet (`ControlNetModel.from_unet`)
+    loads as an adapter with the same residuals."""
+    import diffusers
+    import torch
+    from helpers import diffusers_controlnet_error
+
+    from weights_conversion import load_adapter
+
+    folder, _ = sdxl
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    cn = diffusers.ControlNetModel.from_unet(unet)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in cn.parameters():  # the zero convolutions random, so the residuals are not 0
+            p.add_(0.05 * torch.randn_like(p))
+    cn.save_pretrained(tmp_path / "cn")
+    adapter = load_adapter(tmp_path / "cn")
+    assert adapter.add_embedding is not None
+    error = diffusers_controlnet_error(adapter, tmp_path / "cn")
+    print(f"\n[parity] SDXL ControlNet from diffusers: max relative error {error:.1e}")
+    assert error <= 1e-4
+
+
+def test_training_resolution_defaults_to_the_models_size(sdxl, tmp_path):
+    """Without --resolution, SDXL models train at their UNet's own size (1024 for SDXL base),
+    SD 1.x / 2.x at 512; a given resolution is kept."""
+    from codi_eqx.train import TrainConfig, with_model_defaults
+
+    def resolution(folder, **given):
+        config = TrainConfig(pretrained_model_name_or_path=str(folder), **given)
+        return with_model_defaults(config).resolution
+
+    folder, _ = sdxl
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert resolution(folder) == unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert resolution(folder, resolution=48) == 48
+    for name, unet_config in [("xl", {"addition_embed_type": "text_time", "sample_size": 128}),
+                              ("sd", {"sample_size": 96})]:
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "vae").mkdir()
+        (tmp_path / name / "unet" / "config.json").write_text(json.dumps(unet_config))
+        (tmp_path / name / "vae" / "config.json").write_text(
+            json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert resolution(tmp_path / "xl") == 1024
+    assert resolution(tmp_path / "sd") == 512

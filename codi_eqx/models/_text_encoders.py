@@ -21,13 +21,13 @@ from jaxtyping import Array, Float, Int
 
 from ._clip import CLIPTextModel, CLIPTextModelWithProjection
 
-TextConditioning = Union[Float[Array, "seq d"], Mapping[str, Float[Array, "..."]]]
+TextConditioning = Union[Float[Array, "*batch seq d"], Mapping[str, Float[Array, "..."]]]
 """One example's text conditioning: an array `(seq, d)` (SD 1.x / 2.x), or SDXL's dict of
 `encoder_hidden_states` `(seq, d)`, `text_embeds` `(p,)` and `time_ids` `(6,)` (batched
 alike, with a leading batch axis on every leaf)."""
 
 
-def unet_text_inputs(text: TextConditioning) -> tuple[Float[Array, "seq d"], Optional[dict]]:
+def unet_text_inputs(text: TextConditioning) -> tuple[Float[Array, "*batch seq d"], Optional[dict]]:
     """`(encoder_hidden_states, added_cond_kwargs)` of a text conditioning: the array and
     None for SD 1.x / 2.x; for SDXL's dict its hidden states, and its pooled embedding and
     time ids as diffusers' `added_cond_kwargs`."""

@@ -30,43 +30,6 @@ AddedCondKwargs = Mapping[str, Float[Array, "..."]]
 text embedding, `(p,)`) and `time_ids` (original size, crop top-left, target size, `(6,)`)."""
 
 
-def add_embedding_of(cfg: "UNet2DConditionConfig", *, dtype, key) -> Optional[TimestepEmbedding]:
-    """The added embedding's MLP of a `text_time` config (None otherwise)."""
-    if cfg.addition_embed_type != "text_time":
-        return None
-    return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
-                             dtype=dtype, key=key)
-
-
-def embed_time(
-    cfg: "UNet2DConditionConfig", time_embedding: TimestepEmbedding,
-    add_embedding: Optional[TimestepEmbedding], timestep, added_cond_kwargs, dtype,
-) -> Float[Array, " t"]:
-    """The embedding every resnet receives: the timestep's, plus SDXL's added embedding of
-    the pooled text embedding and the time ids (`added_cond_kwargs`, required there)."""
-    emb = timestep_embedding(
-        timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-        freq_shift=cfg.freq_shift,
-    )
-    temb = time_embedding(emb.astype(dtype))
-    if add_embedding is None:
-        if added_cond_kwargs is not None:
-            raise ValueError("added_cond_kwargs given to a model without an added embedding "
-                             "(addition_embed_type is None)")
-        return temb
-    if added_cond_kwargs is None or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
-        raise ValueError("this model (addition_embed_type='text_time', SDXL) needs "
-                         "added_cond_kwargs with 'text_embeds' and 'time_ids'")
-    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-    if text_embeds.shape != (cfg.pooled_text_dim,) or time_ids.shape != (6,):
-        raise ValueError(
-            f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids "
-            f"{tuple(time_ids.shape)}, expected ({cfg.pooled_text_dim},) and (6,)")
-    return temb + added_time_embedding(
-        add_embedding, text_embeds, time_ids, time_dim=cfg.addition_time_embed_dim,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
-    ).astype(temb.dtype)
-
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID = ("UNetMidBlock2DCrossAttn",)
@@ -289,6 +252,44 @@ class UNet2DConditionConfig:
             if len(set(self.num_attention_heads)) > 1 else self.num_attention_heads[0]
         )
         return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", **d}
+
+
+def add_embedding_of(cfg: UNet2DConditionConfig, *, dtype, key) -> Optional[TimestepEmbedding]:
+    """The added embedding's MLP of a `text_time` config (None otherwise)."""
+    if cfg.addition_embed_type != "text_time":
+        return None
+    return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
+                             dtype=dtype, key=key)
+
+
+def embed_time(
+    cfg: UNet2DConditionConfig, time_embedding: TimestepEmbedding,
+    add_embedding: Optional[TimestepEmbedding], timestep, added_cond_kwargs, dtype,
+) -> Float[Array, " t"]:
+    """The embedding every resnet receives: the timestep's, plus SDXL's added embedding of
+    the pooled text embedding and the time ids (`added_cond_kwargs`, required there)."""
+    emb = timestep_embedding(
+        timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+    )
+    temb = time_embedding(emb.astype(dtype))
+    if add_embedding is None:
+        if added_cond_kwargs is not None:
+            raise ValueError("added_cond_kwargs given to a model without an added embedding "
+                             "(addition_embed_type is None)")
+        return temb
+    if added_cond_kwargs is None or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+        raise ValueError("this model (addition_embed_type='text_time', SDXL) needs "
+                         "added_cond_kwargs with 'text_embeds' and 'time_ids'")
+    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+    if text_embeds.shape != (cfg.pooled_text_dim,) or time_ids.shape != (6,):
+        raise ValueError(
+            f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids "
+            f"{tuple(time_ids.shape)}, expected ({cfg.pooled_text_dim},) and (6,)")
+    return temb + added_time_embedding(
+        add_embedding, text_embeds, time_ids, time_dim=cfg.addition_time_embed_dim,
+        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+    ).astype(temb.dtype)
 
 
 def _down_blocks(cfg: UNet2DConditionConfig, *, dtype, key) -> tuple[DownBlock2D, ...]:
