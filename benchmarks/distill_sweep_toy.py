@@ -59,12 +59,19 @@ def train_variant(name: str, steps: int) -> Path:
     recipe = dict(TOY_TRAIN_DEFAULTS, **SHIPPED_RECIPES["edges"], **VARIANTS[name])
     recipe.update(max_train_steps=steps, checkpointing_steps=steps, validation_steps=steps)
     recipe.update(prepare_builtin_run(out, seed=recipe.get("seed", 0)))
+    timing = out / "sweep-seconds.json"  # training seconds so far (an interrupted run resumes)
+    spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        recipe["resume_from_checkpoint"] = "latest"
     print(f"training {name} into {out} ({steps} steps): {VARIANTS[name]}", flush=True)
     t0 = time.perf_counter()
-    train(TrainConfig(output_dir=str(out), **recipe))
+    try:
+        train(TrainConfig(output_dir=str(out), **recipe))
+    finally:
+        timing.write_text(json.dumps({"seconds": spent + time.perf_counter() - t0}) + "\n")
     (out / "sweep.json").write_text(json.dumps(
         {"variant": name, "changes": VARIANTS[name], "steps": steps,
-         "train_seconds": time.perf_counter() - t0}) + "\n")
+         "train_seconds": spent + time.perf_counter() - t0}) + "\n")
     return out
 
 
@@ -123,20 +130,25 @@ def main(argv=None) -> int:
               f"background {row['background_ok']:.3f}  kinds {row['kinds_ok']:.3f}  "
               f"FD {row['fd']:8.2f}", flush=True)
 
-    result = {"benchmark": "distill_sweep_toy", "num_prompts": args.num, "steps": args.steps,
-              "seed": args.seed, "machine": platform.processor() or platform.machine(),
-              "rows": rows}
+    # Keep the rows of earlier runs (other variants or lengths) beside the new ones.
+    earlier = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
+    fresh = {(r["variant"], r["steps"]) for r in rows}
+    rows = [r for r in earlier if (r["variant"], r["steps"]) not in fresh] + rows
+    rows.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["steps"]))
+    result = {"benchmark": "distill_sweep_toy", "num_prompts": args.num, "seed": args.seed,
+              "machine": platform.processor() or platform.machine(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    table = ["| variant | changes | edge F1 | caption adherence | background | kinds | FD |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| variant | changes | steps | edge F1 | caption adherence | background | kinds | FD "
+             "| train time |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(shipped recipe)"
         if r["sample_guidance"] != 1.0:
             changes += f"; sampled at w={r['sample_guidance']}"
-        table.append(f"| {r['variant']} | {changes} | {r['edge_f1']:.3f} | "
+        took = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else "-"
+        table.append(f"| {r['variant']} | {changes} | {r['steps']} | {r['edge_f1']:.3f} | "
                      f"{r['caption_adherence']:.3f} | {r['background_ok']:.3f} | "
-                     f"{r['kinds_ok']:.3f} | {r['fd']:.2f} |")
+                     f"{r['kinds_ok']:.3f} | {r['fd']:.2f} | {took} |")
     md = "\n".join(table) + "\n"
     args.out.with_suffix(".md").write_text(md)
     print(md)

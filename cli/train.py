@@ -164,7 +164,7 @@ def _run(values: dict, dry_run: bool, given: set[str] = frozenset()) -> None:
     import json
     import signal
 
-    from codi_eqx.train import TrainConfig, plan
+    from codi_eqx.train import TrainConfig, plan, with_model_defaults
     from codi_eqx.train import train as run_training
 
     # TrainConfigError and CheckpointError (usage), TrainingError and DataError (failures)
@@ -172,7 +172,7 @@ def _run(values: dict, dry_run: bool, given: set[str] = frozenset()) -> None:
     if not values["pretrained_model_name_or_path"] and not (
             values["train_data_dir"] or values["dataset_name"]):
         values = _builtin_run(values, given)
-    config = TrainConfig(**values)
+    config = with_model_defaults(TrainConfig(**values))
     p = plan(config)  # every check that needs no weights, before the progress bar starts
     if dry_run:
         for line in p.notes:

@@ -288,12 +288,19 @@ def diffusers_controlnet_error(adapter, folder: Path, *, seed: int = 0) -> float
     sample = rng.standard_normal((cfg.in_channels, 8, 8)).astype(np.float32)
     text = rng.standard_normal((5, cfg.cross_attention_dim[0])).astype(np.float32)
     image = rng.uniform(size=(3, 64, 64)).astype(np.float32)
+    added = None  # SDXL: a pooled text embedding and the time ids
+    if cfg.addition_embed_type == "text_time":
+        added = {"text_embeds": rng.standard_normal((cfg.pooled_text_dim,)).astype(np.float32),
+                 "time_ids": np.array([80, 72, 4, 2, 64, 64], np.float32)}
     with torch.no_grad():
         down, mid = ref(torch.from_numpy(sample)[None], 321, torch.from_numpy(text)[None],
-                        torch.from_numpy(image)[None], return_dict=False)
+                        torch.from_numpy(image)[None], return_dict=False,
+                        added_cond_kwargs=None if added is None else
+                        {k: torch.from_numpy(v)[None] for k, v in added.items()})
     with_cond = adapter.controlnet_cond_embedding is not None
     ours_down, ours_mid = eqx.filter_jit(adapter)(
-        jnp.asarray(sample), 321, jnp.asarray(text), jnp.asarray(image) if with_cond else None)
+        jnp.asarray(sample), 321, jnp.asarray(text), jnp.asarray(image) if with_cond else None,
+        added_cond_kwargs=None if added is None else {k: jnp.asarray(v) for k, v in added.items()})
     theirs = [t[0].numpy() for t in (*down, mid)]
     assert len(ours_down) + 1 == len(theirs)
     return max(

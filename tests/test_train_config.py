@@ -144,6 +144,11 @@ def test_sub_configs_and_train_config_share_their_defaults():
     for cls in SUB_CONFIG_FIELDS:
         sub_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         for sub_name, name in mapped_fields(cls).items():
+            if name == "resolution":  # unset: filled from the model, SD 1.x / 2.x's as the data's
+                from codi_eqx.train._plan import SD_RESOLUTION
+
+                assert defaults[name] is None and sub_defaults[sub_name] == SD_RESOLUTION
+                continue
             assert sub_defaults[sub_name] == defaults[name], (cls.__name__, sub_name)
     assert defaults["learning_rate"] == OptimConfig.learning_rate
 

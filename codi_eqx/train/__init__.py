@@ -10,5 +10,6 @@ from ._config import TrainConfigError as TrainConfigError
 from ._loop import TrainHooks as TrainHooks
 from ._loop import TrainingError as TrainingError
 from ._loop import train as train
+from ._plan import with_model_defaults as with_model_defaults
 from ._plan import Plan as Plan
 from ._plan import plan as plan

@@ -127,9 +127,10 @@ class TrainConfig:
         _DATA["conditioning_image_column"], help="Column of the condition image (default: "
         "conditioning_image when present). The seed README spells it --conditioning_image.",
         panel=PANEL_DATA, aliases=("--conditioning_image",))
-    resolution: int = option(
-        _DATA["resolution"], help="Training size (bilinear resize of the short side, centre "
-        "crop); must divide by the VAE factor (8).", panel=PANEL_DATA)
+    resolution: int | None = option(
+        None, help="Training size (bilinear resize of the short side, centre crop); must "
+        "divide by the VAE factor (8). Default: the UNet's own size (sample_size x the VAE "
+        "factor: 1024 for SDXL) for SDXL models, 512 for SD 1.x / 2.x.", panel=PANEL_DATA)
     proportion_empty_prompts: float = option(
         _DATA["proportion_empty_prompts"], help="Fraction of captions replaced by the empty "
         "prompt.", panel=PANEL_DATA)
@@ -309,7 +310,9 @@ class TrainConfig:
         try:
             self.distill_config("epsilon")
             self.optim_config(1, 1)
-            self.data_config()
+            # (an unset resolution, filled from the model later, checks as the data default)
+            (self if self.resolution is not None else
+             dataclasses.replace(self, resolution=_DATA["resolution"])).data_config()
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
 
@@ -328,6 +331,9 @@ class TrainConfig:
         return sub_config(self, OptimConfig, learning_rate=lr, max_train_steps=max_train_steps)
 
     def data_config(self) -> DataConfig:
+        if self.resolution is None:
+            raise TrainConfigError("resolution is not set (train.with_model_defaults(config) "
+                                   "fills it from the model)")
         return sub_config(self, DataConfig, unconditional=self.distill_type == "unconditional")
 
     # --- (de)serialisation ----------------------------------------------------------------

@@ -26,7 +26,7 @@ from ._checkpoint import (
 )
 from ._config import TrainConfig
 from ._metrics import Metrics, Throughput, metrics_row, note
-from ._plan import Plan, adapter_settings, plan
+from ._plan import Plan, adapter_settings, plan, with_model_defaults
 from ._signals import StopOnSignal
 from ._validation import Validation
 
@@ -65,6 +65,7 @@ def train(config: TrainConfig, *, progress: Any = None, checked: Plan | None = N
     from ..parallel import is_main_process
 
     hooks = hooks or TrainHooks()
+    config = with_model_defaults(config)
     p = plan(config) if checked is None else checked
     for line in p.notes:
         note(line)

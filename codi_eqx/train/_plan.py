@@ -3,6 +3,7 @@ batch over the devices and the step count, or refuses the run with a one-line us
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -44,12 +45,44 @@ class Plan:
         }
 
 
+SD_RESOLUTION = 512
+"""The training size of SD 1.x / 2.x models when none is given (diffusers' ControlNet
+training scripts' default; SDXL models default to their UNet's own size)."""
+
+
+def model_resolution(root: Path) -> int:
+    """The default training size for the model folder `root`: the UNet's `sample_size` x the
+    VAE factor for SDXL (`addition_embed_type` text_time: 1024 for SDXL base), else 512."""
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return SD_RESOLUTION
+    if unet.get("addition_embed_type") != "text_time" or not unet.get("sample_size"):
+        return SD_RESOLUTION
+    return int(unet["sample_size"]) * _vae_factor(root)
+
+
+def with_model_defaults(config: TrainConfig) -> TrainConfig:
+    """`config` with the model-dependent defaults filled in (the resolution, when not given).
+    Unchanged when the model folder cannot be found (`plan` then says why)."""
+    if config.resolution is not None:
+        return config
+    from .._pipeline import resolve_model_path
+
+    try:
+        root = resolve_model_path(config.pretrained_model_name_or_path)
+    except WeightsError:
+        return config
+    return dataclasses.replace(config, resolution=model_resolution(Path(root)))
+
+
 def plan(config: TrainConfig) -> Plan:
     """Check everything that can be checked before loading weights: the model folder, the
     resolution against the VAE's factor, the dataset and its columns, the batch over the
     devices. Raises `TrainConfigError` (one line) on the first problem."""
     notes: list[str] = []
     root = _model_folder(config, notes)
+    config = with_model_defaults(config)
     factor = _vae_factor(root)
     prediction_type = _prediction_type(config, root, notes)
     _check_schedule(root, prediction_type)
