@@ -164,7 +164,11 @@ def test_generate_seed_and_batch_independence(pipe):
     three = generate(pipe, None, ["a red cube"], num_images_per_prompt=3, seed=7)
     assert three.shape == (3, 64, 64, 3) and three.dtype == np.uint8
     ones = generate(pipe, None, ["a red cube"], num_images_per_prompt=3, seed=7, batch_size=1)
-    np.testing.assert_array_equal(three, ones)  # image i does not depend on the batch
+    # Image i does not depend on the batch: XLA may block a batch-3 convolution differently
+    # from a batch-1 one, so float rounding can move a pixel across a uint8 boundary (CI saw
+    # one value of 36864 off by 1); anything more would mean the images interact.
+    diff = np.abs(three.astype(int) - ones.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     again = generate(pipe, None, ["a red cube"], num_images_per_prompt=3, seed=7, batch_size=1)
     np.testing.assert_array_equal(ones, again)
     other = generate(pipe, None, ["a red cube"], num_images_per_prompt=3, seed=8, batch_size=1)
