@@ -51,7 +51,8 @@ def convert_weights(
     config: Optional[Path] = typer.Option(
         None, "--config", help="For a single-file SOURCE: a diffusers unet/config.json (or "
         "ControlNet config.json), or a diffusers model directory whose unet/, vae/, "
-        "text_encoder/ configs, tokenizer/ and scheduler/ are used instead of the inferred ones.",
+        "text_encoder/ (SDXL: and text_encoder_2/) configs, tokenizer/ (tokenizer_2/) and "
+        "scheduler/ are used instead of the inferred ones.",
         show_default=False,
     ),
 ) -> None:
@@ -80,6 +81,9 @@ def _convert(source: str, output: Path, dtype: Dtype, to: Optional[Target], over
                        dtype=dtype.value, allow_pickle=allow_pickle, overwrite=overwrite,
                        progress=advance)
     if not done.adapter and not done.tokenizer:
-        note(f"note: {output} has no tokenizer/ (single-file checkpoints carry none): copy the "
-             f"model family's CLIP tokenizer folder to {output / 'tokenizer'} (or convert with "
-             "--config DIR, a diffusers model directory that has one) before loading it")
+        wanted = ["tokenizer"] + (["tokenizer_2"] if (output / "text_encoder_2").is_dir() else [])
+        missing = [name for name in wanted if not (output / name).is_dir()]
+        folders = " and ".join(f"{output / name}" for name in missing)
+        note(f"note: {output} has no {'/, '.join(missing)}/ (single-file checkpoints carry "
+             f"none): copy the model family's CLIP tokenizer folders to {folders} (or convert "
+             "with --config DIR, a diffusers model directory that has them) before loading it")

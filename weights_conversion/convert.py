@@ -4,9 +4,10 @@ ControlNet out to diffusers' and the original single-file layouts.
 `convert(source, output, ...)` is what `codi convert-weights` runs. The source is detected
 (`classify`): a diffusers model directory (or one this project wrote, or a Hub id in the local
 cache), an adapter or diffusers ControlNet folder (a training run's output directory among
-them), an original single-file checkpoint (`.safetensors`; `.bin` / `.ckpt` / `.pt` pickles
-only with `allow_pickle`). Every tensor is checked against the model's config, and the output
-appears whole or not at all. Bad arguments raise `UsageError`; unreadable or inconsistent
+them), an original single-file checkpoint (SD 1.x, 2.x or SDXL, or a ControlNet in the
+original or diffusers' names; `.safetensors`; `.bin` / `.ckpt` / `.pt` pickles only with
+`allow_pickle`). Every tensor is checked against the model's config, and the output appears
+whole or not at all. Bad arguments raise `UsageError`; unreadable or inconsistent
 weights `WeightsError` (a `CodiError`)."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from codi_eqx.models import (
     AutoencoderKLConfig,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     ControlNetConfig,
     ControlNetModel,
     UNet2DConditionConfig,
@@ -46,6 +48,7 @@ from codi_eqx.models import (
 )
 from codi_eqx.weights import (
     CLIP_NAME_MAP,
+    CLIP_PROJECTION_NAME_MAP,
     CONTROLNET_NAME_MAP,
     UNET_NAME_MAP,
     VAE_NAME_MAP,
@@ -79,7 +82,8 @@ Progress = Callable[[int, int, str], None]
 class Conversion:
     """What `convert` did: the kind of source (`pipeline`, `adapter`, `single`, `pickle`),
     whether it was an adapter / ControlNet (else a whole model), and for a whole model
-    whether the output has a tokenizer (a single-file checkpoint carries none)."""
+    whether the output has its tokenizers (`tokenizer/`, SDXL's `tokenizer_2/` too; a
+    single-file checkpoint carries none)."""
 
     kind: str
     output: Path
@@ -160,6 +164,10 @@ _COMPONENTS = {
     "text_encoder": (CLIPTextConfig,
                      lambda cfg, dtype: CLIPTextModel(cfg, dtype=dtype, key=jax.random.key(0)),
                      CLIP_NAME_MAP),
+    "text_encoder_2": (CLIPTextConfig,
+                       lambda cfg, dtype: CLIPTextModelWithProjection(cfg, dtype=dtype,
+                                                                      key=jax.random.key(0)),
+                       CLIP_PROJECTION_NAME_MAP),
     "controlnet": (ControlNetConfig,
                    lambda cfg, dtype: ControlNetModel(cfg, key=jax.random.key(0)),
                    CONTROLNET_NAME_MAP),
@@ -168,8 +176,8 @@ _COMPONENTS = {
 
 def load_component(kind: str, folder: str | Path, *, dtype: Any = jnp.float32,
                    allow_pickle: bool = False) -> Any:
-    """A diffusers component folder (`unet`, `vae`, `text_encoder` or `controlnet`) as a
-    model with parameters in `dtype`, every tensor checked; pickle weights are read where the
+    """A diffusers component folder (`unet`, `vae`, `text_encoder`, SDXL's `text_encoder_2`
+    or `controlnet`) as a model with parameters in `dtype`, every tensor checked; pickle weights are read where the
     folder has no safetensors and `allow_pickle` is set."""
     folder = Path(folder)
     config_class, build, name_map = _COMPONENTS[kind]
@@ -221,10 +229,13 @@ def classify(source: str | Path, *, allow_pickle: bool = False) -> tuple[str, Pa
 
 def single_file_configs(config: Path | None, family: str,
                         tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The `unet` / `vae` / `text_encoder` config dicts, the `tokenizer` folder (or None) and
-    the `scheduler` config of a single-file model: from `config` (a unet `config.json`, or a
-    diffusers model directory) where it gives them, else inferred from the weights."""
-    out: dict[str, Any] = {"tokenizer": None, "scheduler": dict(sf.SD_SCHEDULER)}
+    """The config dicts of a single-file model's components (`unet`, `vae`, and the family's
+    text encoders: `text_encoder`, SDXL's `text_encoder_2`), its `tokenizers` (name -> folder,
+    those found), the `scheduler` config and the `index` entries to keep (SDXL's
+    `force_zeros_for_empty_prompt`): from `config` (a unet `config.json`, or a diffusers model
+    directory) where it gives them, else inferred from the weights."""
+    texts = [layout.part for layout in sf.TEXT_ENCODERS[family]]
+    out: dict[str, Any] = {"tokenizers": {}, "scheduler": dict(sf.SD_SCHEDULER), "index": {}}
     if config is not None:
         config = Path(config)
         if not config.exists():
@@ -232,65 +243,89 @@ def single_file_configs(config: Path | None, family: str,
         if config.is_file():
             out["unet"] = _read_json(config)
         else:
-            for part in ("unet", "vae", "text_encoder"):
+            for part in ("unet", "vae", *texts):
                 if (config / part / "config.json").is_file():
                     out[part] = read_config(config / part)
             if "unet" not in out and (config / "config.json").is_file():
                 out["unet"] = read_config(config)
-            if (config / "tokenizer").is_dir():
-                out["tokenizer"] = config / "tokenizer"
+            out["tokenizers"] = {sf.TOKENIZER_OF[t]: config / sf.TOKENIZER_OF[t] for t in texts
+                                 if (config / sf.TOKENIZER_OF[t]).is_dir()}
             sched = config / "scheduler" / "scheduler_config.json"
             if sched.is_file():
                 out["scheduler"] = _read_json(sched)
-            if not any(k in out for k in ("unet", "vae", "text_encoder")):
+            out["index"] = _kept_index(config)
+            if not any(k in out for k in ("unet", "vae", *texts)):
                 raise UsageError(
-                    f"config {config}: no unet/, vae/ or text_encoder/ config.json in it")
+                    f"config {config}: no unet/, vae/ or {'/, '.join(texts)}/ config.json in it")
     if out.get("unet") is None:
         out["unet"] = sf.infer_unet_config(tensors)
     if out.get("vae") is None:
-        out["vae"] = sf.infer_vae_config(tensors)
-    if out.get("text_encoder") is None:
-        out["text_encoder"] = sf.infer_text_config(tensors, family)
+        out["vae"] = sf.infer_vae_config(tensors, family=family)
+    for part in texts:
+        if out.get(part) is None:
+            out[part] = sf.infer_text_config(tensors, family, part)
     return out
+
+
+INDEX_KEPT = ("force_zeros_for_empty_prompt",)
+"""model_index.json entries carried from a source (or `--config`) directory to the output."""
+
+
+def _kept_index(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {k: v for k, v in _read_json(index).items() if k in INDEX_KEPT}
 
 
 # ------------------------------------------------------------------------------------------
 # Writing
 
 
-def write_model(folder: Path, parts: dict, *, dtype_name: str, tokenizer: Path | None,
-                scheduler: dict, manifest: bool = True,
+_SAVERS = {"unet": save_unet, "vae": save_vae, "text_encoder": save_text_encoder,
+           "text_encoder_2": save_text_encoder}
+
+
+def write_model(folder: Path, parts: dict, *, dtype_name: str, tokenizers: Mapping[str, Path],
+                scheduler: dict, manifest: bool = True, index: Mapping[str, Any] | None = None,
                 step: Callable[[str], None] = lambda name: None) -> None:
     """Write a model directory into the (empty) `folder`: diffusers' layout (so that diffusers
     reads it as well), one safetensors file per component of `parts` (`unet`, `vae`,
-    `text_encoder`), the `tokenizer` folder copied where there is one, the scheduler config,
+    `text_encoder`, and for SDXL `text_encoder_2`), the `tokenizers` folders copied (name ->
+    source folder: `tokenizer`, `tokenizer_2`), the scheduler config, `model_index.json`
+    (a `StableDiffusionXLPipeline` where there is `text_encoder_2`; `index`'s entries added)
     and with `manifest` this project's `codi_eqx.json`. `step(name)` follows each part."""
     folder = Path(folder)
-    save_unet(parts["unet"], folder / "unet")
-    step("unet")
-    save_vae(parts["vae"], folder / "vae")
-    step("vae")
-    save_text_encoder(parts["text_encoder"], folder / "text_encoder")
-    step("text_encoder")
-    components = ["unet", "vae", "text_encoder"]
-    if tokenizer is not None:
-        shutil.copytree(tokenizer, folder / "tokenizer")
-        components.append("tokenizer")
+    sdxl = "text_encoder_2" in parts
+    components = []
+    for part, model in parts.items():
+        _SAVERS[part](model, folder / part)
+        components.append(part)
+        step(part)
+    texts = [p for p in parts if p in sf.TOKENIZER_OF]
+    for name in (sf.TOKENIZER_OF[t] for t in texts):
+        if name in tokenizers:
+            shutil.copytree(tokenizers[name], folder / name)
+            components.append(name)
     step("tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     components.append("scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
+    entries = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        **({"force_zeros_for_empty_prompt": True} if sdxl else {}),
+        **(index or {}),
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
         "scheduler": ["diffusers", scheduler.get("_class_name", "DDIMScheduler")],
-        "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer is not None else [None, None],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    for t in texts:
+        entries[t] = ["transformers", type(parts[t]).__name__]
+        tok = sf.TOKENIZER_OF[t]
+        entries[tok] = ["transformers", "CLIPTokenizer"] if tok in tokenizers else [None, None]
+    if not sdxl:
+        entries.update(safety_checker=[None, None], feature_extractor=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(entries, indent=2))
     if manifest:
         (folder / MODEL_MANIFEST).write_text(json.dumps({
             "format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION,
@@ -403,10 +438,14 @@ def convert(
         if not sched_file.is_file():
             raise CodiError(f"{sched_file}: not found")
         scheduler = _read_json(sched_file)
-        tokenizer = path / "tokenizer" if (path / "tokenizer").is_dir() else None
-        total, done = 10, 0
+        names = ["unet", "vae", "text_encoder"] + (
+            ["text_encoder_2"] if (path / "text_encoder_2").is_dir() else [])  # SDXL
+        tokenizers = {sf.TOKENIZER_OF[t]: path / sf.TOKENIZER_OF[t] for t in names
+                      if t in sf.TOKENIZER_OF and (path / sf.TOKENIZER_OF[t]).is_dir()}
+        index = _kept_index(path)
+        total, done = 2 * len(names) + 4, 0
         parts = {}
-        for part in ("unet", "vae", "text_encoder"):
+        for part in names:
             report(done, total, f"reading {part}")
             parts[part] = load_component(part, path / part, dtype=dt, allow_pickle=allow_pickle)
             done += 1
@@ -433,21 +472,25 @@ def convert(
             report(2, 2, "controlnet")
             return Conversion(kind, output, adapter=True)
         _whole_model_target(to, path)
-        sf.check_prefixes(
-            tensors, (sf.UNET_PREFIX, sf.VAE_PREFIX, sf.CLIP_PREFIX, sf.OPENCLIP_PREFIX), str(path))
+        layouts = sf.TEXT_ENCODERS[family]
+        sf.check_prefixes(tensors, (sf.UNET_PREFIX, sf.VAE_PREFIX, *(t.prefix for t in layouts)),
+                          str(path))
         configs = single_file_configs(None if config is None else Path(config), family, tensors)
-        tokenizer, scheduler = configs["tokenizer"], configs["scheduler"]
-        total, done = 8, 0
-        report(done, total, "reading unet")
-        parts = {"unet": sf.load_unet_original(tensors, configs["unet"], dtype=dt,
-                                               what=f"{path} (unet)")}
-        report(done := done + 1, total, "reading vae")
-        parts["vae"] = sf.load_vae_original(tensors, configs["vae"], dtype=dt,
-                                            what=f"{path} (vae)")
-        report(done := done + 1, total, "reading text_encoder")
-        parts["text_encoder"] = sf.load_text_encoder_original(
-            tensors, configs["text_encoder"], family, dtype=dt, what=f"{path} (text_encoder)")
-        done += 1
+        tokenizers, scheduler, index = configs["tokenizers"], configs["scheduler"], configs["index"]
+        names = ["unet", "vae", *(t.part for t in layouts)]
+        total, done = 2 * len(names) + 2, 0
+        parts = {}
+        for part in names:
+            report(done, total, f"reading {part}")
+            what = f"{path} ({part})"
+            if part == "unet":
+                parts[part] = sf.load_unet_original(tensors, configs[part], dtype=dt, what=what)
+            elif part == "vae":
+                parts[part] = sf.load_vae_original(tensors, configs[part], dtype=dt, what=what)
+            else:
+                parts[part] = sf.load_text_encoder_original(
+                    tensors, configs[part], family, part=part, dtype=dt, what=what)
+            done += 1
         report(done, total, "")
 
     written = [done]
@@ -457,6 +500,7 @@ def convert(
         report(written[0], total, f"wrote {name}")
 
     with atomic_path(output, is_dir=True) as tmp:
-        write_model(tmp, parts, dtype_name=dtype, tokenizer=tokenizer, scheduler=scheduler,
-                    manifest=to is None, step=step)
-    return Conversion(kind, output, adapter=False, tokenizer=tokenizer is not None)
+        write_model(tmp, parts, dtype_name=dtype, tokenizers=tokenizers, scheduler=scheduler,
+                    manifest=to is None, index=index, step=step)
+    wanted = {sf.TOKENIZER_OF[p] for p in parts if p in sf.TOKENIZER_OF}
+    return Conversion(kind, output, adapter=False, tokenizer=wanted <= tokenizers.keys())
