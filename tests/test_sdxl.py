@@ -194,6 +194,33 @@ def test_sdxl_latent_cache_run(sdxl_run):
 
 
 @pytest.mark.slow
+def test_sdxl_interrupt_and_resume_is_exact(sdxl_run):
+    """The SDXL run interrupted after step 2 (Ctrl-C) and resumed from its checkpoint ends
+    where the uninterrupted run ended: the same losses and the same adapter, bit for bit (the
+    empty-prompt draws, the crop corners and the time ids included)."""
+    import signal
+
+    import jax
+
+    from helpers import base, invoke, library_run, rows, signal_after, why
+    from weights_conversion import load_adapter
+
+    folder, data, root = sdxl_run
+    out = root / "resumed"
+    stopped = library_run(folder, data, out, signal_after(2, signal.SIGINT),
+                          proportion_empty_prompts=0.5)
+    assert stopped["interrupted"] == signal.SIGINT and stopped["step"] == 2, stopped
+    result = invoke(*base(folder, data, out, "--proportion_empty_prompts", "0.5",
+                          "--resume_from_checkpoint", "latest"))
+    assert result.exit_code == 0, why(result)
+    for x, y in zip(jax.tree.leaves(load_adapter(root / "run")), jax.tree.leaves(load_adapter(out)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    keys = ("loss", "loss_consistency", "loss_regularizer", "grad_norm")
+    assert [[r[k] for k in keys] for r in rows(out)] == [[r[k] for k in keys] for r in rows(root / "run")]
+
+
+@pytest.mark.slow
 def test_sdxl_devices_match_one_device(sdxl):
     """The SDXL step (pooled embeddings and time ids in the batch) on 4 simulated devices
     gives the single device's losses and parameters."""
