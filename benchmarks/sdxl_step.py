@@ -177,24 +177,24 @@ def compile_phase(cfg: dict, batch: int, latent: int, *, remat: bool) -> dict:
         )
         return eqx.filter(new_state, eqx.is_array), metrics
 
+    sizes = {
+        "params": {"unet": count_structs(f_dyn.unet), "adapter": count_structs(s_dyn.params)},
+        "bytes": {"frozen": tree_bytes(f_dyn), "state": tree_bytes(s_dyn),
+                  "batch": tree_bytes(batch_sds)},
+    }
+    B.log(f"  abstract models in {abstract_s:.1f} s: {sizes}")
     # The state is donated, as in `make_train_step`.
     _, info = B.lower_and_compile(jax.jit(run, donate_argnums=1), f_dyn, s_dyn, batch_sds)
-    info["abstract_s"] = abstract_s
-    info["params"] = {"unet": count_structs(f_dyn.unet), "adapter": count_structs(s_dyn.params)}
-    info["bytes"] = {
-        "frozen": tree_bytes(f_dyn),
-        "state": tree_bytes(s_dyn),
-        "batch": tree_bytes(batch_sds),
-    }
-    return info
+    return {**info, **sizes, "abstract_s": abstract_s}
 
 
 def count_structs(tree) -> int:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)
-                   if is_struct(x) and np.issubdtype(x.dtype, np.inexact)))
+                   if is_struct(x) and jnp.issubdtype(x.dtype, jnp.inexact)))
 
 
 def tree_bytes(tree) -> int:
@@ -206,6 +206,7 @@ def tree_bytes(tree) -> int:
             int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
             for x in jax.tree_util.tree_leaves(tree)
             if hasattr(x, "shape") and hasattr(x, "dtype")
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
         )
     )
 
@@ -276,16 +277,14 @@ def table(result: dict) -> str:
             rows.append([f"compile, width {width}", f"error: {c['error'][:80]}", "", ""])
         else:
             m = c.get("xla_memory") or {}
-            args = m.get("argument_size_in_bytes")
-            temp = m.get("temp_size_in_bytes")
-            out = m.get("output_size_in_bytes")
-            alias = m.get("alias_size_in_bytes") or 0
+            args, temp = m.get("argument_bytes"), m.get("temp_bytes")
+            out, alias = m.get("output_bytes"), m.get("alias_bytes") or 0
             peak = None if None in (args, temp, out) else args + temp + out - alias
             rows.append(
                 [
                     f"step compile only, width {width}, {res}x{res}, batch {c['batch']}",
                     f"{c['lower_s']:.0f} s lower + {c['compile_s']:.0f} s compile",
-                    f"{B.fmt(peak / GIB if peak else None)} GiB (args "
+                    f"{B.fmt(peak / GIB if peak else None)} GiB XLA peak (args "
                     f"{B.fmt(args / GIB if args else None)}, temp "
                     f"{B.fmt(temp / GIB if temp else None)})",
                     B.fmt(c.get("xla_flops") and c["xla_flops"] / 1e12) + " TFLOP",
@@ -298,6 +297,9 @@ def table(result: dict) -> str:
         s = r["ours"]
         mem = r.get("device_peak_bytes") or r.get("max_rss_bytes")
         where = "device peak" if r.get("device_peak_bytes") else "process peak RSS"
+        m = r["compile"].get("xla_memory") or {}
+        if m.get("temp_plus_argument_bytes"):
+            where += f"; XLA args + temp {m['temp_plus_argument_bytes'] / GIB:.1f} GiB"
         rows.append(
             [
                 f"step, width {width}, {res}x{res}, batch {r['batch']}",
