@@ -141,6 +141,7 @@ def sdxl_run(sdxl, tmp_path_factory):
     return folder, data, root
 
 
+@pytest.mark.slow
 def test_codi_train_on_sdxl(sdxl_run):
     from helpers import rows
 
@@ -154,6 +155,7 @@ def test_codi_train_on_sdxl(sdxl_run):
     assert config["projection_class_embeddings_input_dim"] == 24 + 6 * 8
 
 
+@pytest.mark.slow
 def test_codi_sample_on_sdxl(sdxl_run, tmp_path):
     import typer
     from PIL import Image
