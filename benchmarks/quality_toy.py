@@ -17,6 +17,9 @@ shapes classifier (`FeatureNet`, shipped next to the teacher), and the time per 
 
     python benchmarks/quality_toy.py                        # the shipped models
     python benchmarks/quality_toy.py --controlnet RUN_DIR   # a baseline trained elsewhere
+    python benchmarks/quality_toy.py --teacher DIR --teacher_only --out OUT.json
+        # the teacher's text-only rows alone: a teacher reproduced by `codi pretrain-toy`
+        # against the shipped one
 
 Writes benchmarks/results/quality_toy.json and .md (the table) and quality_toy.png (a grid).
 """
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few prompts, a few configurations")
+    ap.add_argument("--teacher_only", action="store_true",
+                    help="only the teacher's text-only DDIM rows (no adapter is loaded or trained)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_toy.json")
     args = ap.parse_args(argv)
 
@@ -96,9 +101,10 @@ def main(argv=None) -> int:
     pipe = load_pipeline(teacher_dir)
     from codi_eqx import adapter_settings
 
-    paths = {"edges": args.edges or builtin_adapter("edges"),
-             "text": args.text or builtin_adapter("text"),
-             "controlnet": args.controlnet or train_baseline(args)}
+    paths = {} if args.teacher_only else {
+        "edges": args.edges or builtin_adapter("edges"),
+        "text": args.text or builtin_adapter("text"),
+        "controlnet": args.controlnet or train_baseline(args)}
     adapters = {k: load_adapter(p) for k, p in paths.items()}
     settings = {k: adapter_settings(p) for k, p in paths.items()}
     net = load_feature_net(args.feature_net or BUILTIN_DIR / "feature-net.eqx")
@@ -129,6 +135,8 @@ def main(argv=None) -> int:
     ]
     if args.quick:
         configs = [configs[0], configs[4], configs[8]]
+    if args.teacher_only:
+        configs = [c for c in configs if c[1] is None]
     rows, grids = [], {}
     for name, which, sampler, steps, gs, uses_edges in configs:
         adapter = adapters[which] if which else None
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
     }
     result = {
         "benchmark": "quality_toy", "num_prompts": n, "num_real": args.num_real,
-        "guidance_scale": w, "seed": args.seed, "machine": platform.processor() or platform.machine(),
+        "guidance_scale": w, "seed": args.seed, "teacher": str(teacher_dir),
+        "machine": platform.processor() or platform.machine(),
         "rows": rows, "reference": reference,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,14 @@
 
 The error hierarchy (`errors`, `CodiError`, `UsageError`) is imported at once; every other
 public name is imported on first use (PEP 562), so that `import codi_eqx.errors` (which the
-CLI does at start-up) costs no JAX import."""
+CLI does at start-up) costs no JAX import. Importing the package adds its XLA:CPU flag to
+`XLA_FLAGS` (`codi_eqx/_xla_flags.py`; `CODI_KEEP_XLA_FLAGS=1` leaves them alone)."""
 
 from typing import TYPE_CHECKING
+
+from ._xla_flags import configure_xla_flags
+
+configure_xla_flags()  # before JAX starts its CPU backend: see codi_eqx/_xla_flags.py
 
 from . import errors as errors
 from .errors import CodiError as CodiError

@@ -2,8 +2,10 @@
 
 XLA:CPU calls its convolution library only for a convolution in the canonical channels-last
 form (`dim_labels=b01f_01io->b01f`) outside any `while` loop; any other convolution is emitted
-as a generic loop nest, 10-100x slower. `slow_convolutions` lists those, so that tests can
-check the compiled training step and samplers have none.
+as a generic loop nest, 10-100x slower. A convolution that XLA:CPU hands to a YNNPACK / XNNPACK
+library fusion instead of its Eigen kernels is slower too, 1.2-6x on the SD UNet's shapes
+(codi_eqx/_xla_flags.py turns those off). `slow_convolutions` lists all of them, so that tests
+can check the compiled training step and samplers have none.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class Convolution:
     computation: str
     in_loop: bool
     """Inside (a computation called from) a `while` body or condition."""
+    in_library_fusion: bool = False
+    """Inside a YNNPACK / XNNPACK library fusion (`ynn_fusion`, `xnn_fusion`)."""
 
     @property
     def slow_on_cpu(self) -> bool:
-        """XLA:CPU emits it as a loop nest instead of a library call."""
-        return self.in_loop or self.dim_labels != _CANONICAL
+        """XLA:CPU emits it as a loop nest, or a library fusion, instead of its Eigen call."""
+        return self.in_loop or self.in_library_fusion or self.dim_labels != _CANONICAL
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -59,14 +63,13 @@ def convolutions(hlo: str) -> list[Convolution]:
         c for lines in comps.values() for line in lines if " while(" in line
         for m in re.finditer(r"\b(?:body|condition)=%([\w.\-]+)", line) for c in [m.group(1)]
     }
-    in_loop: set[str] = set()
-    stack = list(loop_roots)
-    while stack:
-        c = stack.pop()
-        if c in in_loop:
-            continue
-        in_loop.add(c)
-        stack.extend(calls.get(c, ()))
+    library_roots = {
+        c for lines in comps.values() for line in lines
+        if re.match(r"\s*(?:ROOT\s+)?%[xy]nn_fusion[\w.\-]*\s*=", line) and " fusion(" in line
+        for m in re.finditer(r"\bcalls=%([\w.\-]+)", line) for c in [m.group(1)]
+    }
+    in_loop = _reachable(loop_roots, calls)
+    in_library = _reachable(library_roots, calls)
     out = []
     for comp, lines in comps.items():
         for line in lines:
@@ -78,8 +81,22 @@ def convolutions(hlo: str) -> list[Convolution]:
                 name=name.group(1) if name else "?",
                 dim_labels=labels.group(1) if labels else "?",
                 computation=comp, in_loop=comp in in_loop,
+                in_library_fusion=comp in in_library,
             ))
     return out
+
+
+def _reachable(roots: set[str], calls: dict[str, set[str]]) -> set[str]:
+    """`roots` and every computation they call, transitively."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        c = stack.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        stack.extend(calls.get(c, ()))
+    return seen
 
 
 def slow_convolutions(hlo: str) -> list[Convolution]:
