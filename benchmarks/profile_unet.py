@@ -17,6 +17,11 @@ aten operator grouped the same way (`convolution_backward` covers both convoluti
 gradients there). Times are the sum over `--repeats` profiled calls divided by their number,
 so each column adds up to about one call (profiling adds a little overhead on both sides).
 Writes `benchmarks/results/profile_unet_<size>_b<batch>.json` and prints one table per pass.
+
+XLA:CPU's Eigen convolutions (the package's setting, codi_eqx/_xla_flags.py) run as asynchronous
+thunks: their events record the launch only, and their time shows in the wall time (and the
+executor's waits), not in the convolution rows; with jaxlib's YNNPACK convolutions
+(`CODI_KEEP_XLA_FLAGS=1`) the rows attribute it.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ backend (XLA reads `XLA_FLAGS` once, then).
 One setting: XLA:CPU's convolutions stay with its Eigen kernels instead of the YNNPACK
 library fusions that jaxlib 0.10 turns on by default. Measured on a 2-core x86 CPU (median of
 10 calls, fp32, 3x3, NHWC; `python benchmarks/conv_backends.py`): a 1280-channel convolution
-at 8x8 ran in 78-91 ms through YNNPACK and 15.5 ms through Eigen (PyTorch/oneDNN: 62 ms), a
-320-channel one at 32x32, batch 4, 66 ms and 47 ms (PyTorch 54 ms), the weight gradients 1.3-4x
-faster still; the built-in teacher's pretraining step went from 0.98 to 0.66 s. YNNPACK keeps
-the matrix products, where it is fast.
+at 8x8 ran in 76.9 ms through YNNPACK and 17.1 ms through Eigen (PyTorch/oneDNN: 48.8 ms), a
+320-channel one at 32x32, batch 4, in 69.5 ms and 49.8 ms (PyTorch 59.2 ms); the weight
+gradients were 1.3-2.4x faster through Eigen; the built-in teacher's whole pretraining went
+from 1 h 15 min 52 s to 1 h 04 min 47 s. YNNPACK keeps the matrix products.
 
 The flag is added to `XLA_FLAGS` (appended, nothing removed) unless `XLA_FLAGS` already names
 `xla_cpu_experimental_ynn_fusion_type` (the user's own choice wins) or `$CODI_KEEP_XLA_FLAGS`

@@ -109,6 +109,7 @@ def switches(root):
     return dict(root=root, off=finish(off), unwritable=finish(unwritable), bad=bad)
 
 
+@pytest.mark.slow  # two `codi` processes, each compiling: 18 s of the default set's budget
 def test_second_process_loads_every_program_from_the_cache(runs):
     _, first, first_s, first_wall = runs["first"]
     _, second, second_s, second_wall = runs["second"]
