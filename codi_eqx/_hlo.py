@@ -3,7 +3,7 @@
 XLA:CPU calls its convolution library only for a convolution in the canonical channels-last
 form (`dim_labels=b01f_01io->b01f`) outside any `while` loop; any other convolution is emitted
 as a generic loop nest, 10-100x slower. A convolution that XLA:CPU hands to a YNNPACK / XNNPACK
-library fusion instead of its Eigen kernels is slower too, 1.2-6x on the SD UNet's shapes
+library fusion instead of its Eigen kernels is slower too, 1.2-4.5x on the SD UNet's shapes
 (codi_eqx/_xla_flags.py turns those off). `slow_convolutions` lists all of them, so that tests
 can check the compiled training step and samplers have none.
 """
