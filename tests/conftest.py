@@ -124,6 +124,8 @@ def _release_compiled_code_when_many():
 # Parametrised cases that run in the slow set only: a sibling case of the same test stays in
 # the default run and covers the same code (the default run is kept to a few minutes).
 _SLOW_CASES = {
+    "test_conv_gradients.py::test_unet_gradients_match_diffusers[all]",
+    "test_conv_gradients.py::test_unet_gradients_match_diffusers[none]",
     "test_unet.py::test_unet_with_diffusers_controlnet[sdxl-False]",
     "test_unet.py::test_fresh_adapter_leaves_unet_unchanged[sdxl-3]",
     "test_unet.py::test_fresh_adapter_leaves_unet_unchanged[sdxl-None]",

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._conv import conv2d
+
 
 def _uniform(key, shape, bound, dtype):
     return jax.random.uniform(key, shape, dtype=dtype, minval=-bound, maxval=bound)
@@ -49,7 +51,9 @@ class Conv2d(eqx.Module):
     The weight is held channels-last (HWIO), the layout XLA:CPU's convolution library takes:
     holding it in PyTorch's `(out, in, kh, kw)` costs a transpose of every weight at every call
     (1.7x the time of a 1280-channel 3x3 convolution at 8x8 on CPU). Checkpoints keep PyTorch's
-    layout: `checkpoint_axes` tells the weight loader and exporter how to permute.
+    layout: `checkpoint_axes` tells the weight loader and exporter how to permute. Gradients
+    follow `codi_eqx.nn._conv.conv2d` (matrix products where XLA:CPU's convolution gradients
+    lose).
     """
 
     # module array = checkpoint array.transpose(axes), per field (read by codi_eqx.weights).
@@ -78,14 +82,8 @@ class Conv2d(eqx.Module):
         self.padding = padding
 
     def __call__(self, x: Float[Array, "cin h w"]) -> Float[Array, "cout hout wout"]:
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.weight.dtype)[None],
-            self.weight,
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NCHW", "HWIO", "NCHW"),
-        )[0]
+        y = conv2d(x.astype(self.weight.dtype), self.weight, stride=self.stride,
+                   padding=self.padding)
         if self.bias is not None:
             y = y + self.bias[:, None, None]
         return y
