@@ -6,7 +6,9 @@ batch as the models run): the forward convolution alone; forward + gradient with
 input and weight (a trained layer); forward + input gradient (a frozen layer, as the frozen
 UNet in CoDi's step). The loss is `sum(conv(x, w) * probe)`. Median of `--repeats` calls after
 a warm-up, alternating the three sides; `policy` says which formulation `codi_eqx.nn.Conv2d`
-uses for the shape on this backend.
+uses for the shape on this backend. The forward row runs the same compiled convolution on
+both JAX sides (the custom JVP only changes derivatives): its ratio shows the measurement's
+noise, the side timed right after PyTorch's call starting on colder caches.
 
     python benchmarks/conv_gradients.py     # JSON: benchmarks/results/conv_gradients.json
 """

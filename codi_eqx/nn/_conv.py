@@ -16,10 +16,11 @@ JVP) as a matrix product over the unfolded input (im2col): the tangent is
 into two matrix products and a fold (the transpose of the unfolding: shifted adds), both in the
 layout the weight already has, and under `vmap` the weight gradient's product contracts over the
 batch and the positions at once. Measured on a 2-core x86 CPU (fp32, median of 5, forward +
-gradient of input and weight, ours vs plain, `python benchmarks/conv_gradients.py`):
-2560->1280 channels at 8x8, batch 1: 155 vs 383 ms; 1280->1280 at 4x4, batch 4: 97 vs 225 ms;
-the input gradient alone (a frozen network), 2560->1280 at 8x8: 77 vs 273 ms. At large feature
-maps the plain gradients win (320->320 at 32x32: 103 vs 74 ms), so `matmul_gradient_pays`
+gradient of input and weight; matrix-product / XLA's gradients / PyTorch;
+`python benchmarks/conv_gradients.py`): 2560->1280 channels at 8x8, batch 1: 127 / 290 / 401 ms;
+1280->1280 at 4x4, batch 4: 80 / 151 / 261 ms; the input gradient alone (a frozen network),
+2560->1280 at 8x8: 41 / 203 / 212 ms. At larger feature maps XLA's gradients win (640->640 at
+16x16, batch 4: 191 vs 140 ms; 320->320 at 32x32: 80 vs 64 ms), so `matmul_gradient_pays`
 picks per shape: out channels at least `MATMUL_GRADIENT_RATIO` times the output positions,
 on the CPU backend only (other backends' convolution libraries take the kernel in either
 layout).
