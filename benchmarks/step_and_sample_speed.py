@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.attention == "xla":
-        attention_module.attention_implementation = lambda q: None
+        attention_module.attention_implementation = lambda q, k=None: None
     dtype = jnp.dtype(args.dtype)
     cfg = UNet2DConditionConfig.from_dict(SD15 if args.size == "sd15" else TINY)
     t0 = time.perf_counter()
