@@ -15,6 +15,18 @@ with the same setting through glibc's environment variables (`MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=68719476736`), at the same peak RSS (365-380 MB); the SD1.5 UNet
 forward + backward (`python benchmarks/unet_speed.py --size sd15 --batch 1 --what backward`,
 environment variables) 8.50 -> 7.57 s (diffusers in the same process 5.81 -> 4.60 s).
+A second run of the in-process setting: 0.724 s. The built-in `codi demo` (400 tiny steps,
+persistent compilation cache warm) ran 1:39 with it and 1:43 without, with the same 7.46M
+minor page faults: most of its faults are not these buffers'.
+
+What it does not cover: glibc serves a block larger than a thread arena's heap (64 MiB) that
+a thread other than the main one asks for with `mmap` whatever `M_MMAP_MAX` says, and XLA
+allocates from its worker threads; so buffers above 64 MiB still fault on every call (a
+256 MiB elementwise result: 65537 faults per call with or without the setting). Sending
+every thread to the main arena as well (`M_ARENA_MAX = 1`) removed those faults in that
+test (0 per call, 161 -> 107 ms) but held 1.6 GB of heap where the plain process peaked at
+0.85 GB, so it is not done: at SD1.5 size that could exceed the machine's memory.
+
 The cost: the process keeps its peak heap until it exits (a training or sampling run needs
 that memory again at the next step anyway).
 
