@@ -1,8 +1,10 @@
-"""Multi-head attention on this CPU: the package's heads-first formulation
-(codi_eqx/nn/_attention.py) against XLA's lowering of `jax.nn.dot_product_attention` and
-PyTorch's `scaled_dot_product_attention`, fp32, one example's `(tokens, heads, head_dim)`
-vmapped over the batch. Forward, and forward + gradient of `sum(sin(out))` with respect to
-q, k and v; median of `--repeats` calls after a warm-up, the three sides in turn.
+"""Multi-head attention on this CPU: the package's two formulations (codi_eqx/nn/_attention.py:
+heads-first, and blocked for long sequences; `ours` is the one `dot_product_attention` picks)
+against XLA's lowering of `jax.nn.dot_product_attention` and PyTorch's
+`scaled_dot_product_attention`, fp32, one example's `(tokens, heads, head_dim)` vmapped over
+the batch. Forward, and forward + gradient of `sum(sin(out))` with respect to
+q, k and v; median of `--repeats` calls after a warm-up, the sides in turn (the blocked one
+only where it has two blocks of queries or more).
 
     python benchmarks/attention_cpu.py      # JSON: benchmarks/results/attention_cpu.json
 """
@@ -36,7 +38,13 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from codi_eqx.nn._attention import _heads_first_attention
+    from codi_eqx.nn._attention import (
+        BLOCK_QUERIES,
+        _blocked_attention,
+        _heads_first_attention,
+        blocked_attention_pays,
+        dot_product_attention,
+    )
 
     B.set_torch_threads(args.torch_threads)
     info = B.machine_info()
@@ -54,7 +62,10 @@ def main() -> None:
             grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2)))
             return fwd, grad
 
-        ours = jax_pair(jax.vmap(_heads_first_attention))
+        ours = jax_pair(jax.vmap(dot_product_attention))
+        path = "blocked" if blocked_attention_pays(jq[0], jk[0], jv[0]) else "heads-first"
+        heads_first = jax_pair(jax.vmap(_heads_first_attention))
+        blocked = jax_pair(jax.vmap(_blocked_attention)) if t >= 2 * BLOCK_QUERIES else None
         xla = jax_pair(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
         diff = float(jnp.max(jnp.abs(ours[0](jq, jk, jv) - xla[0](jq, jk, jv))))
 
@@ -71,18 +82,23 @@ def main() -> None:
         for i, what in enumerate(("forward", "forward+backward")):
             sides = {
                 "ours": lambda f=ours[i]: jax.block_until_ready(f(jq, jk, jv)),
+                "heads_first": lambda f=heads_first[i]: jax.block_until_ready(f(jq, jk, jv)),
                 "xla": lambda f=xla[i]: jax.block_until_ready(f(jq, jk, jv)),
                 "torch": (torch_fwd, torch_grad)[i],
             }
+            if blocked is not None:
+                sides["blocked"] = lambda f=blocked[i]: jax.block_until_ready(f(jq, jk, jv))
             m = B.alternate(sides, args.repeats, log=lambda _: None)
             med = {n: float(np.median(x.times)) * 1e3 for n, x in m.items()}
-            rows.append({"case": case, "pass": what, **{f"{n}_ms": x for n, x in med.items()},
-                         "max_abs_diff_forward": diff})
-            B.log(f"{case} {what}: ours {med['ours']:.1f} xla {med['xla']:.1f} torch {med['torch']:.1f} ms")
-    lines = ["| attention | pass | heads-first (ms) | jax.nn.dot_product_attention (ms) | PyTorch SDPA (ms) | ours / jax | ours / PyTorch |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+            rows.append({"case": case, "pass": what, "ours_path": path,
+                         **{f"{n}_ms": x for n, x in med.items()}, "max_abs_diff_forward": diff})
+            B.log(f"{case} {what}: " + ", ".join(f"{n} {x:.1f}" for n, x in med.items()) + " ms")
+    lines = ["| attention | pass | ours: path | ours (ms) | heads-first (ms) | blocked (ms) | jax.nn.dot_product_attention (ms) | PyTorch SDPA (ms) | ours / jax | ours / PyTorch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['pass']} | {r['ours_ms']:.1f} | {r['xla_ms']:.1f} | {r['torch_ms']:.1f} | "
+        blocked_ms = f"{r['blocked_ms']:.1f}" if "blocked_ms" in r else "n/a"
+        lines.append(f"| {r['case']} | {r['pass']} | {r['ours_path']} | {r['ours_ms']:.1f} | "
+                     f"{r['heads_first_ms']:.1f} | {blocked_ms} | {r['xla_ms']:.1f} | {r['torch_ms']:.1f} | "
                      f"{r['ours_ms'] / r['xla_ms']:.2f} | {r['ours_ms'] / r['torch_ms']:.2f} |")
     text = "\n".join(lines)
     print(text)
