@@ -94,17 +94,6 @@ NoCompilationCacheOption = Annotated[bool, typer.Option(
     "--no_compilation_cache", "--no-compilation-cache", help=NO_COMPILATION_CACHE_HELP)]
 
 
-def prepare_compiled_run(cache_dir: Path | None, no_cache: bool = False) -> Path | None:
-    """What a command that compiles does first, before anything allocates or compiles: glibc's
-    malloc keeps freed memory for the next call's buffers (`codi_eqx._host_allocator`; off with
-    $CODI_KEEP_MALLOC), and the persistent compilation cache (`use_compilation_cache`).
-    Returns the cache folder in use, or None."""
-    from codi_eqx._host_allocator import keep_freed_memory
-
-    keep_freed_memory()
-    return use_compilation_cache(cache_dir, no_cache)
-
-
 def use_compilation_cache(directory: Path | None, disabled: bool = False) -> Path | None:
     """Turn JAX's persistent compilation cache on (in `directory`, or the default one) or off
     (`disabled`, or $CODI_NO_COMPILATION_CACHE); call it before anything compiles. A folder

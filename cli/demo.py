@@ -13,9 +13,9 @@ from ._common import (
     CompilationCacheDirOption,
     NoCompilationCacheOption,
     note,
-    prepare_compiled_run,
     progress,
     reported_errors,
+    use_compilation_cache,
 )
 
 
@@ -47,7 +47,7 @@ def _run(out: Path, max_train_steps: Optional[int], steps: int, seed: int,
 
     if (out / "run").exists():
         raise CodiUsageError(f"{out / 'run'} exists: choose another OUTPUT_DIR or remove it")
-    prepare_compiled_run(cache_dir, no_cache)
+    use_compilation_cache(cache_dir, no_cache)
     try:
         with progress() as bar:
             report = run_demo(out, max_train_steps=max_train_steps, steps=steps, seed=seed,

@@ -12,9 +12,9 @@ from ._common import (
     CompilationCacheDirOption,
     NoCompilationCacheOption,
     note,
-    prepare_compiled_run,
     progress,
     reported_errors,
+    use_compilation_cache,
 )
 
 
@@ -37,7 +37,7 @@ def pretrain_toy(
     with reported_errors():
         if (output_dir / "model_index.json").exists():
             raise CodiUsageError(f"{output_dir} already holds a model: choose another folder")
-        prepare_compiled_run(compilation_cache_dir, no_compilation_cache)
+        use_compilation_cache(compilation_cache_dir, no_compilation_cache)
         from codi_eqx.toy import PretrainConfig, pretrain_teacher
 
         defaults = PretrainConfig()

@@ -17,9 +17,9 @@ from ._common import (
     NoCompilationCacheOption,
     atomic_path,
     note,
-    prepare_compiled_run,
     progress,
     reported_errors,
+    use_compilation_cache,
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")  # the keys of codi_eqx._tree.FLOAT_DTYPES (not imported at start-up)
@@ -307,7 +307,7 @@ def _sample(
         note(f"note: the adapter was trained on {settings.base_model}; sampling with --model "
              f"{model}")
 
-    prepare_compiled_run(compilation_cache_dir, no_compilation_cache)  # before any compilation
+    use_compilation_cache(compilation_cache_dir, no_compilation_cache)  # before any compilation
     import dataclasses
 
     from codi_eqx import load_adapter, load_pipeline, load_trained_unet

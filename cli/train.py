@@ -16,14 +16,14 @@ import typer
 from codi_eqx.train._config import PANEL_RUN, flag_spellings, training_options
 
 from ._common import (
-    CodiUsageError,
     COMPILATION_CACHE_DIR_HELP,
     NO_COMPILATION_CACHE_HELP,
+    CodiUsageError,
     fail,
     note,
-    prepare_compiled_run,
     progress,
     reported_errors,
+    use_compilation_cache,
 )
 
 _CACHE = "Compilation cache"
@@ -108,7 +108,7 @@ def train(ctx: typer.Context, **values) -> None:
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         fail("--coordinator_address, --num_processes and --process_id go together", 2)
     if not cli["dry_run"]:  # before anything compiles
-        prepare_compiled_run(cli["compilation_cache_dir"], cli["no_compilation_cache"])
+        use_compilation_cache(cli["compilation_cache_dir"], cli["no_compilation_cache"])
     if cli["distributed"] or cli["coordinator_address"] is not None:
         from codi_eqx.parallel import initialize_distributed
 

@@ -26,11 +26,6 @@ def pytest_configure(config):
         os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
 
 
-# The in-process `codi` commands leave glibc's malloc as it is in the test processes
-# (`codi_eqx._host_allocator`: the commands keep freed memory for reuse, which would keep each
-# long-lived xdist worker at its largest heap); tests/test_host_allocator.py runs the setting
-# in child processes of its own.
-os.environ.setdefault("CODI_KEEP_MALLOC", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One persistent compilation cache for the test session (one per process, so per xdist worker):

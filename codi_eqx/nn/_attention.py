@@ -56,7 +56,7 @@ tokens (forward and backward) on the machine below."""
 BLOCKED_MIN_LOGITS = 1024 * 1024
 """`_blocked_attention` takes over from `_heads_first_attention` on CPU where one head's logits
 (queries x keys) reach this many: SD1.5's 1024-token self-attention at 256x256 images and its
-4096-token one at 512x512; at 256 tokens it lost (forward + backward 12.2 vs 9.5 ms)."""
+4096-token one at 512x512; at 256 tokens it lost (see `_blocked_attention`)."""
 
 
 def _dot32(a: jax.Array, b: jax.Array, contract: tuple) -> Float[Array, "n x y"]:
@@ -112,9 +112,10 @@ def _blocked_attention(q: Float[Array, "t n h"], k: Float[Array, "s n h"],
     with the values. One block's logits (heads x block x keys) stay small enough for the CPU's
     caches where the whole `(heads, tokens, tokens)` array did not. Measured on a 2-core x86
     CPU, fp32, 8 heads of 40, forward / forward + backward, against `_heads_first_attention`
-    (`python benchmarks/attention_cpu.py`; numbers of a first run with other work on the
-    machine): 1024 tokens, batch 1: 46 vs 55-64 ms and 175 vs 222-228 ms; batch 4: 175 vs 334
-    ms and 844 vs 1313 ms; 4096 tokens, batch 1: 782 vs 884 ms and 2993 vs 7024 ms."""
+    (`python benchmarks/attention_cpu.py`, the sides in turn, median of 5): 1024 tokens,
+    batch 1: 30.9 vs 39.7 ms and 88.4 vs 126.8 ms; batch 4: 87.3 vs 161.5 ms and 368.5 vs
+    462.9 ms; 4096 tokens, batch 1: 375 vs 528 ms and 1397 vs 2224 ms. At 256 tokens it lost
+    (batch 4, forward + backward 46.0 vs 35.0 ms)."""
     qh, kh, vh = (jnp.swapaxes(a, 0, 1) for a in (q, k, v))
     return jnp.swapaxes(_blocked_heads_first(qh, kh, vh, block), 0, 1)
 
