@@ -13,9 +13,8 @@ inputs (forward pre-hooks); each module is then timed alone on both sides with t
 
 - forward: ours `eqx.filter_jit` of `jax.vmap(module)`, diffusers under `torch.inference_mode()`;
 - forward + backward: the gradient of `sum(sin(output))` with respect to the module's
-  parameters (ours `eqx.filter_grad`; diffusers `.backward()`, gradients set to None first;
-  the input is a leaf that requires its gradient on the reference side, so that both sides
-  compute the input gradient as inside the UNet).
+  parameters and its input, as inside the UNet (ours `eqx.filter_grad` of the pair; diffusers
+  `.backward()` from an input leaf that requires its gradient, gradients set to None first).
 
 Each pair alternates (ours, reference, ...) after one warm-up call each (`B.alternate`).
 Reported per module: median seconds of both sides and ours / reference, and the largest
@@ -105,7 +104,9 @@ def main() -> None:
         return jax.vmap(mod)(a, b)
 
     fwd_j = eqx.filter_jit(forward_j)
-    bwd_j = eqx.filter_jit(eqx.filter_grad(lambda m, a, b: jnp.sum(jnp.sin(forward_j(m, a, b)))))
+    # the gradient with respect to the module's parameters and its input, as inside the UNet
+    bwd_j = eqx.filter_jit(eqx.filter_grad(
+        lambda module_and_input, b: jnp.sum(jnp.sin(forward_j(*module_and_input, b)))))
 
     rows, results = [], []
     sums = collections.defaultdict(lambda: {"forward": [0.0, 0.0], "backward": [0.0, 0.0]})
@@ -138,7 +139,7 @@ def main() -> None:
                         last["reference"] = call_t(xt, other)
             else:
                 def ours():
-                    B.block(bwd_j(module_j, jx, jo))
+                    B.block(bwd_j((module_j, jx), jo))
 
                 def reference():
                     module_t.zero_grad(set_to_none=True)
