@@ -38,11 +38,20 @@ VARIANTS: dict[str, dict] = {
                   "distill_guidance_max": 6.0},
     "w2": {"distill_guidance_min": 2.0, "distill_guidance_max": 2.0},
     "lr3e-4": {"learning_rate": 3e-4},
+    "reg-snr1": {"regularizer_snr_gamma": 1.0},
+    "guided": {"regularizer_target": "guided"},
+    "guided-w3": {"regularizer_target": "guided", "distill_guidance_min": 3.0,
+                  "distill_guidance_max": 3.0},
+    "guided-full": {"regularizer_target": "guided", "full_codi": True},
+    "full": {"full_codi": True},
+    "gemb-guided": {"guidance_embedding": True, "regularizer_target": "guided",
+                    "distill_guidance_min": 1.0, "distill_guidance_max": 6.0},
 }
 """Changes to the shipped edge recipe (`TrainConfig` field names)."""
 
-SAMPLE_GUIDANCE = {"cfg-aware": 3.0}
-"""Guidance at sampling for variants trained guidance-aware (the others sample unguided)."""
+SAMPLE_GUIDANCE = {"cfg-aware": 3.0, "gemb-guided": 4.0}
+"""Guidance at sampling for variants trained guidance-aware (two passes per step) or
+guidance-conditioned (one pass per step); the others sample unguided."""
 
 
 def run_dir(name: str, steps: int) -> Path:
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=800, help="training steps of every variant")
-    ap.add_argument("--num", type=int, default=64, help="held-out prompts")
+    ap.add_argument("--num", type=int, default=128, help="held-out prompts")
     ap.add_argument("--num_real", type=int, default=1024, help="real held-out images for FD")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train_only", action="store_true", help="train, do not score")
@@ -89,49 +98,51 @@ def main(argv=None) -> int:
     dirs = {name: train_variant(name, args.steps) for name in args.variants}
     if args.train_only:
         return 0
+    if "base" not in dirs and (run_dir("base", args.steps) / "config.json").exists():
+        dirs = {"base": run_dir("base", args.steps), **dirs}  # the paired reference
 
-    from codi_eqx import adapter_settings, load_adapter, load_pipeline
-    from codi_eqx.sampling import generate
-    from codi_eqx.toy import builtin_teacher, shapes
-    from codi_eqx.toy._analysis import (caption_match_parts, edge_f1, features,
-                                        frechet_distance, load_feature_net)
+    import dataclasses
+
+    from codi_eqx import adapter_settings, load_adapter, load_pipeline, load_trained_unet
+    from codi_eqx.toy import builtin_teacher, load_feature_net
+    from codi_eqx.toy import _quality as quality
     from codi_eqx.toy._builtin import BUILTIN_DIR
 
     pipe = load_pipeline(builtin_teacher())
     net = load_feature_net(BUILTIN_DIR / "feature-net.eqx")
-    held = shapes.scenes(args.seed + 5000, args.num, "heldout")  # quality_toy.py's set
-    captions = [s.caption for s in held]
-    edges = shapes.edge_images(held)
-    real = np.stack([shapes.render(s)[0] for s in
-                     shapes.scenes(args.seed + 6000, args.num_real, "heldout")])
-    real_feats = features(net, real)
+    prompts = quality.prompt_set("heldout", args.num)
+    real = quality.prompt_set("heldout", args.num_real, seed=quality.REAL_SEED)
+    real_feats = quality.score_images(real.images, real, net).features
+    method = quality.Method("CoDi edges 4 steps", "edges", "codi", 4, True)
 
-    rows = []
+    rows, scores = [], {}
     for name, out in dirs.items():
-        settings = adapter_settings(out)
         gs = SAMPLE_GUIDANCE.get(name, 1.0)
-        images = generate(pipe, load_adapter(out), captions, control_images=edges, steps=4,
-                          sampler="codi", guidance_scale=gs, seed=args.seed, settings=settings,
-                          batch_size=min(32, args.num))
-        parts = [caption_match_parts(im, c) for im, c in zip(images, captions)]
+        trained_unet = load_trained_unet(out)  # full CoDi trains the UNet too
+        run_pipe = pipe if trained_unet is None else dataclasses.replace(pipe, unet=trained_unet)
+        images = quality.sample(run_pipe, load_adapter(out), adapter_settings(out), method,
+                                prompts, gs, seed=args.seed)
+        scores[name] = quality.score_images(images, prompts, net)
         meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+        summary = quality.summarise(scores[name], real_feats)
         row = {
             "variant": name, "changes": VARIANTS[name], "steps": args.steps,
-            "sample_guidance": gs,
-            "edge_f1": float(np.mean([edge_f1(e, im) for e, im in zip(edges, images)])),
-            "caption_adherence": float(np.mean([p["all"] for p in parts])),
-            "background_ok": float(np.mean([p["background"] for p in parts])),
-            "kinds_ok": float(np.mean([p["kinds"] for p in parts])),
-            "fd": float(frechet_distance(features(net, images), real_feats)),
+            "sample_guidance": gs, "num_prompts": args.num, **summary,
             "train_seconds": meta.get("train_seconds"),
         }
+        if "base" in scores and name != "base":
+            row["vs_base"] = {k: v.as_dict() for k, v in quality.compare(
+                scores[name], scores["base"], real_feats).items()}
         rows.append(row)
-        print(f"{name:10s} edgeF1 {row['edge_f1']:.3f}  caption {row['caption_adherence']:.3f}  "
-              f"background {row['background_ok']:.3f}  kinds {row['kinds_ok']:.3f}  "
-              f"FD {row['fd']:8.2f}", flush=True)
+        print(f"{name:16s} caption {summary['caption_all']['estimate']:.3f} "
+              f"[{summary['caption_all']['low']:.3f}, {summary['caption_all']['high']:.3f}]  "
+              f"background {summary['caption_background']['estimate']:.3f}  "
+              f"edgeF1 {summary['edge_f1']['estimate']:.3f}  FD {summary['fd']['estimate']:.1f}",
+              flush=True)
 
     # Keep the rows of earlier runs (other variants or lengths) beside the new ones.
     earlier = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
+    earlier = [r for r in earlier if isinstance(r.get("edge_f1"), dict)]  # this format only
     fresh = {(r["variant"], r["steps"]) for r in rows}
     rows = [r for r in earlier if (r["variant"], r["steps"]) not in fresh] + rows
     rows.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["steps"]))
@@ -139,16 +150,21 @@ def main(argv=None) -> int:
               "machine": platform.processor() or platform.machine(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    table = ["| variant | changes | steps | edge F1 | caption adherence | background | kinds | FD "
-             "| train time |", "|---|---|---|---|---|---|---|---|---|"]
+    def ci(d):
+        return f"{d['estimate']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+    table = ["| variant | changes | steps | prompts | caption adherence | background | kinds "
+             "| edge F1 | FD | caption / base | train time |", "|---" * 11 + "|"]
     for r in rows:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(shipped recipe)"
         if r["sample_guidance"] != 1.0:
             changes += f"; sampled at w={r['sample_guidance']}"
         took = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else "-"
-        table.append(f"| {r['variant']} | {changes} | {r['steps']} | {r['edge_f1']:.3f} | "
-                     f"{r['caption_adherence']:.3f} | {r['background_ok']:.3f} | "
-                     f"{r['kinds_ok']:.3f} | {r['fd']:.2f} | {took} |")
+        vs = ci(r["vs_base"]["caption_ratio"]) if "vs_base" in r else "-"
+        table.append(f"| {r['variant']} | {changes} | {r['steps']} | {r.get('num_prompts', '-')} "
+                     f"| {ci(r['caption_all'])} | {r['caption_background']['estimate']:.3f} | "
+                     f"{r['caption_kinds']['estimate']:.3f} | {ci(r['edge_f1'])} | "
+                     f"{r['fd']['estimate']:.1f} | {vs} | {took} |")
     md = "\n".join(table) + "\n"
     args.out.with_suffix(".md").write_text(md)
     print(md)

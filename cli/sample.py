@@ -196,7 +196,9 @@ def sample(
         help="Sampling steps (default 4 for codi, 50 for ddim)."),
     guidance_scale: Optional[float] = typer.Option(
         None, "--guidance_scale", "--guidance-scale", help="Classifier-free guidance scale "
-        "(default 1.0 for codi, a single conditional pass; 7.5 for ddim)."),
+        "(default: the adapter's recorded setting, else 1.0 for codi, a single conditional "
+        "pass, and 7.5 for ddim); a guidance-conditioned adapter takes it at one pass per "
+        "step."),
     seed: int = typer.Option(0, "--seed", help="Random seed; image i uses fold_in(seed, i)."),
     num_images: int = typer.Option(
         1, "--num_images", "--num-images", "--num_images_per_prompt",
@@ -260,7 +262,10 @@ def _sample(
     options = _sampling_options(settings, "epsilon", *flags)
     sampler, distill_learning_steps = options.sampler, options.distill_learning_steps
     steps = (4 if sampler == "codi" else 50) if steps is None else steps
-    guidance_scale = (1.0 if sampler == "codi" else 7.5) if guidance_scale is None else guidance_scale
+    if guidance_scale is None:
+        from codi_eqx.sampling import default_guidance_scale
+
+        guidance_scale = default_guidance_scale(settings, sampler)
     if steps < 1:
         raise CodiUsageError(f"--steps {steps}: must be at least 1")
     if distill_learning_steps < 1:

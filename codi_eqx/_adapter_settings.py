@@ -39,6 +39,12 @@ class AdapterSettings:
     """`conditional` (a condition image) or `unconditional`."""
     base_model: Optional[str] = None
     """The model the adapter was trained on (as given to training)."""
+    guidance_embedding: bool = False
+    """A guidance-conditioned adapter: it takes w (in [distill_guidance_min,
+    distill_guidance_max]) through its guidance embedding, at one pass per step."""
+    sample_guidance_scale: Optional[float] = None
+    """The guidance scale sampling uses by default (the best measured setting for this
+    adapter); None: the sampler's own default."""
 
     def __post_init__(self):
         if self.objective not in _OBJECTIVES:

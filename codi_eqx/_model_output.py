@@ -40,6 +40,7 @@ def model_output(
     conditioning_scale: ScaleLike = 1.0,
     *,
     dtype: Any = None,
+    class_labels: Optional[ScaleLike] = None,
 ) -> Float[Array, "c h w"]:
     """The raw output `F(z, t)` of the UNet, with the adapter's residuals when there is one.
 
@@ -56,6 +57,7 @@ def model_output(
     - `conditioning_scale`: multiplies the adapter's residuals.
     - `dtype`: the compute dtype: the models' floating weights are cast to it first (float32
       masters computed in bfloat16); None computes in the weights' own dtypes.
+    - `class_labels`: `guidance_label(w)` for a guidance-conditioned adapter, else None.
 
     **Returns:** `F`, shaped like `z`, float32.
     """
@@ -66,6 +68,7 @@ def model_output(
         down, mid = adapter(
             z.astype(adapter.dtype), t, context, control_image,
             conditioning_scale=conditioning_scale, added_cond_kwargs=added,
+            class_labels=class_labels,
         )
     out = unet(
         z.astype(unet.dtype), t, context, added_cond_kwargs=added,
@@ -86,6 +89,7 @@ def guided_model_output(
     conditioning_scale: ScaleLike = 1.0,
     *,
     dtype: Any = None,
+    class_labels: Optional[ScaleLike] = None,
 ) -> Float[Array, "c h w"]:
     """`F = F(uncond) + w * (F(cond) - F(uncond))` for one example
     (`codi_eqx.diffusion.classifier_free_guidance`).
@@ -100,17 +104,41 @@ def guided_model_output(
 
     **Returns:** the guided output, shaped like `z`, float32.
     """
-    unet, adapter = _cast_models(unet, adapter, dtype)
     if guidance_scale is None or (
         isinstance(guidance_scale, (int, float)) and guidance_scale == 1
     ):
-        return model_output(unet, adapter, z, t, cond_emb, control_image, conditioning_scale)
+        unet, adapter = _cast_models(unet, adapter, dtype)
+        return model_output(unet, adapter, z, t, cond_emb, control_image, conditioning_scale,
+                            class_labels=class_labels)
+    cond, uncond = conditional_and_unconditional_outputs(
+        unet, adapter, z, t, cond_emb, uncond_emb, control_image, conditioning_scale,
+        dtype=dtype, class_labels=class_labels)
+    return classifier_free_guidance(uncond, cond, jnp.asarray(guidance_scale, jnp.float32))
+
+
+def conditional_and_unconditional_outputs(
+    unet: UNet2DConditionModel,
+    adapter: Optional[ControlNetModel],
+    z: Float[Array, "c h w"],
+    t: TimestepArg,
+    cond_emb: TextConditioning,
+    uncond_emb: TextConditioning,
+    control_image: Optional[Float[Array, "3 H W"]] = None,
+    conditioning_scale: ScaleLike = 1.0,
+    *,
+    dtype: Any = None,
+    class_labels: Optional[ScaleLike] = None,
+) -> tuple[Float[Array, "c h w"], Float[Array, "c h w"]]:
+    """`(F(cond), F(uncond))`: the two halves of classifier-free guidance, computed as one
+    batch of two (conditional first), the condition image given to both. Arguments as
+    `guided_model_output`."""
+    unet, adapter = _cast_models(unet, adapter, dtype)
     if isinstance(cond_emb, Mapping):
         uncond_emb = {**uncond_emb, "time_ids": cond_emb["time_ids"]}
     embs = jax.tree.map(  # (cond, uncond)
         lambda c, u: jnp.stack([c, u.astype(c.dtype)]), cond_emb, uncond_emb)
     both = jax.vmap(
-        lambda e: model_output(unet, adapter, z, t, e, control_image, conditioning_scale)
+        lambda e: model_output(unet, adapter, z, t, e, control_image, conditioning_scale,
+                               class_labels=class_labels)
     )(embs)
-    cond, uncond = both[0], both[1]
-    return classifier_free_guidance(uncond, cond, jnp.asarray(guidance_scale, jnp.float32))
+    return both[0], both[1]

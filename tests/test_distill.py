@@ -279,6 +279,8 @@ class _Model(eqx.Module):
     adapter: object
     unet: object
     blank_cond: bool = eqx.field(static=True, default=False)
+    label: object = None
+    """`class_labels` for a guidance-conditioned adapter."""
 
 
 class _Distinct(eqx.Module):
@@ -341,14 +343,14 @@ def _forward(model: _Model, z, t, text, cond) -> np.ndarray:
     down = mid = None
     if model.adapter is not None:
         c = None if cond is None else (jnp.zeros_like(cond) if model.blank_cond else cond)
-        down, mid = model.adapter(z, t, text, c)
+        down, mid = model.adapter(z, t, text, c, class_labels=model.label)
     out = model.unet(z, t, text, down_block_additional_residuals=down,
                      mid_block_additional_residual=mid)
     return np.asarray(out, np.float64)
 
 
 def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, target: _Model,
-             online: _Model) -> dict:
+             online: _Model, pretrained: _Model = None) -> dict:
     """Steps 1-7 of codi-algorithm.md, each pass by `_forward` of the model the test names."""
     alpha_sigma = np_schedule()
     t, s, w = int(d.t), int(d.s), float(d.w)
@@ -369,6 +371,11 @@ def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, tar
 
     ptype, tau = cfg.prediction_type, cfg.distill_timestep_scaling
     x_hat, eps_hat = _convert(F(teacher, z_t, t, cfg.onestepode_cfg), z_t, a_t, s_t, ptype)
+    reg_target = x0
+    if cfg.regularizer_target == "guided":
+        xc, _ = _convert(_forward(pretrained, z_t, t, text, None), z_t, a_t, s_t, ptype)
+        xu, _ = _convert(_forward(pretrained, z_t, t, null, None), z_t, a_t, s_t, ptype)
+        reg_target = x0 + (w - 1.0) * (xc - xu)
     z_s = a_s * x_hat + s_s * (eps if cfg.onestepode_true_noise else eps_hat)
     xt, et = _convert(F(target, z_s, s, cfg.cfg_aware_distill), z_s, a_s, s_s, ptype)
     xo, eo = _convert(F(online, z_t, t, cfg.cfg_aware_distill), z_t, a_t, s_t, ptype)
@@ -379,8 +386,11 @@ def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, tar
     if cfg.snr_gamma is not None:
         snr = a_t**2 / s_t**2
         cons = cons * min(snr, cfg.snr_gamma) / snr
-    reg = np.mean((_f(z_t, xo, t, tau) - x0) ** 2)
-    return {"loss": cons + cfg.x0_regularizer_weight * reg, "loss_consistency": cons,
+    reg = np.mean((_f(z_t, xo, t, tau) - reg_target) ** 2)
+    weight = cfg.x0_regularizer_weight
+    if cfg.regularizer_snr_gamma is not None:
+        weight *= min(a_t**2 / s_t**2, cfg.regularizer_snr_gamma) / cfg.regularizer_snr_gamma
+    return {"loss": cons + weight * reg, "loss_consistency": cons,
             "loss_regularizer": reg, "z_t": z_t, "z_s": z_s}
 
 
@@ -430,7 +440,7 @@ def _check_against_hand(m: _Distinct, cfg: distill.DistillConfig, label: str = "
     ours = _ours(cfg, params, ema, m.frozen, ex, m.key, m.batch_key)
     d = distill.draw_example(m.key, m.batch_key, LATENT, T, cfg)
     hand = _by_hand(cfg, ex, d, m.frozen.null_embedding, models[_spec_teacher(cfg)],
-                    models["target"], models["online"])
+                    models["target"], models["online"], models["pretrained UNet alone"])
     print(f"[distinct] {label}: t={int(d.t)} loss ours {ours['loss']:.6e} by hand {hand['loss']:.6e}")
     for name in ("loss", "loss_consistency", "loss_regularizer"):
         np.testing.assert_allclose(ours[name], hand[name], rtol=RTOL, err_msg=name)
@@ -562,15 +572,20 @@ def test_regularizer_weight_scales_exactly_the_regularizer(distinct):
     _check_against_hand(m, _cfg(x0_regularizer_weight=0.5), "regularizer 0.5")
 
 
+def _conditional_case_and_snr(m: _Distinct):
+    """(params, ema, example, snr_t) of the conditional example at its drawn t."""
+    params, ema = m.pe["conditional"]
+    d = distill.draw_example(m.key, m.batch_key, LATENT, T, _cfg())
+    a_t, s_t = np_schedule()(int(d.t))
+    return params, ema, m.examples["conditional"], float(a_t) ** 2 / float(s_t) ** 2
+
+
 def test_snr_gamma_weights_the_consistency_by_min_snr_gamma_over_snr(distinct):
     """At the example's t, gamma = snr_t / 2 halves the consistency term, gamma = 2 snr_t
     leaves it; the regulariser is never weighted."""
     m = distinct
-    params, ema = m.pe["conditional"]
-    ex = m.examples["conditional"]
-    d = distill.draw_example(m.key, m.batch_key, LATENT, T, _cfg())
-    a_t, s_t = np_schedule()(int(d.t))
-    snr = float(a_t) ** 2 / float(s_t) ** 2
+    params, ema, ex, snr = _conditional_case_and_snr(m)
+
     def run(gamma):
         return _ours(_cfg(snr_gamma=gamma), params, ema, m.frozen, ex, m.key, m.batch_key)
 
@@ -581,6 +596,110 @@ def test_snr_gamma_weights_the_consistency_by_min_snr_gamma_over_snr(distinct):
         assert got["loss_regularizer"] == plain["loss_regularizer"]
         np.testing.assert_allclose(got["loss"], got["loss_consistency"] + got["loss_regularizer"],
                                    rtol=1e-6)
+
+
+def test_regularizer_snr_gamma_weights_the_regularizer_by_min_snr_gamma_over_gamma(distinct):
+    """At the example's t, gamma = 2 snr_t halves the regulariser's weight, gamma = snr_t / 2
+    leaves it whole; the terms themselves and the consistency term are unchanged; the loss
+    equals the transcription."""
+    m = distinct
+    params, ema, ex, snr = _conditional_case_and_snr(m)
+
+    def run(gamma):
+        return _ours(_cfg(regularizer_snr_gamma=gamma), params, ema, m.frozen, ex, m.key,
+                     m.batch_key)
+
+    plain, half, whole = run(None), run(2 * snr), run(snr / 2)
+    for got in (half, whole):
+        assert got["loss_consistency"] == plain["loss_consistency"]
+        assert got["loss_regularizer"] == plain["loss_regularizer"]
+    np.testing.assert_allclose(half["loss"], plain["loss_consistency"]
+                               + 0.5 * plain["loss_regularizer"], rtol=1e-5)
+    np.testing.assert_allclose(whole["loss"], plain["loss"], rtol=1e-6)
+    _check_against_hand(m, _cfg(regularizer_snr_gamma=2 * snr, x0_regularizer_weight=0.5),
+                        "regularizer snr gamma")
+
+
+@pytest.mark.parametrize("onestepode", ["control", "uncontrol"])
+def test_guided_regularizer_target_matches_the_formula(distinct, onestepode):
+    """`regularizer_target='guided'`: the regulariser regresses toward
+    x0 + (w - 1) (x_hat_c - x_hat_u) of the pretrained UNet alone at z_t, whatever the
+    teacher step's model, as transcribed; at w = 1 it is the data regulariser; it differs
+    from it at w = 4."""
+    m = distinct
+    cfg = _cfg(onestepode=onestepode, onestepode_cfg=True, regularizer_target="guided",
+               distill_guidance_min=4.0, distill_guidance_max=4.0)
+    guided = _check_against_hand(m, cfg, f"guided target {onestepode}")
+    data = _check_against_hand(m, cfg.replace(regularizer_target="data"), "data target")
+    assert guided["loss_consistency"] == pytest.approx(data["loss_consistency"], rel=1e-6)
+    assert abs(guided["loss_regularizer"] - data["loss_regularizer"]) > (
+        SENSITIVE * data["loss_regularizer"])
+    one = cfg.replace(distill_guidance_min=1.0, distill_guidance_max=1.0)
+    at_one = _check_against_hand(m, one, "guided target at w = 1")
+    np.testing.assert_allclose(
+        at_one["loss_regularizer"],
+        _ours(one.replace(regularizer_target="data"), *m.pe["conditional"], m.frozen,
+              m.examples["conditional"], m.key, m.batch_key)["loss_regularizer"], rtol=1e-5)
+
+
+def test_guided_regularizer_target_in_full_codi_takes_the_pretrained_direction(distinct):
+    """In full CoDi the trained UNet moves; the guided target's direction stays the
+    pretrained UNet's (`Frozen.unet`)."""
+    cfg = _cfg(full_codi=True, onestepode_cfg=True, regularizer_target="guided",
+               distill_guidance_min=3.0, distill_guidance_max=3.0)
+    assert cfg.needs_frozen_unet
+    _check_against_hand(distinct, cfg, "guided target, full CoDi")
+
+
+def test_guidance_embedding_feeds_w_to_the_student_and_one_to_the_teacher(distinct):
+    """`guidance_embedding`: the online and target passes take guidance_label(w), the
+    one-step teacher's adapter guidance_label(1) (inside classifier-free guidance at w), as
+    transcribed; a zero-initialised embedding gives the plain adapter's loss."""
+    from codi_eqx.models import guidance_label
+
+    m = distinct
+    cfg = _cfg(onestepode_cfg=True, guidance_embedding=True, distill_guidance_min=2.0,
+               distill_guidance_max=5.0)
+    plain = _cfg(onestepode_cfg=True, distill_guidance_min=2.0, distill_guidance_max=5.0)
+    params, ema = m.pe["conditional"]
+    ex = m.examples["conditional"]
+
+    def conditioned(tr, key, perturbed):
+        a = tr.adapter.with_guidance_embedding(key=key)
+        if perturbed:
+            a = eqx.tree_at(lambda x: x.class_embedding, a,
+                            perturb(a.class_embedding, jax.random.fold_in(key, 1), 0.5))
+        return distill.Trainable(a)
+
+    fresh = [conditioned(t, jax.random.key(i), False) for i, t in enumerate((params, ema))]
+    ours = _ours(cfg, *fresh, m.frozen, ex, m.key, m.batch_key)
+    ref = _ours(plain, params, ema, m.frozen, ex, m.key, m.batch_key)
+    np.testing.assert_allclose(ours["loss"], ref["loss"], rtol=1e-5)
+
+    p2, e2 = [conditioned(t, jax.random.key(10 + i), True) for i, t in enumerate((params, ema))]
+    ours = _ours(cfg, p2, e2, m.frozen, ex, m.key, m.batch_key)
+    d = distill.draw_example(m.key, m.batch_key, LATENT, T, cfg)
+    w = float(guidance_label(d.w))
+    hand = _by_hand(cfg, ex, d, m.frozen.null_embedding,
+                    _Model(e2.adapter, m.pretrained, label=guidance_label(1.0)),
+                    _Model(e2.adapter, m.pretrained, label=w),
+                    _Model(p2.adapter, m.pretrained, label=w))
+    for name in ("loss", "loss_consistency", "loss_regularizer"):
+        np.testing.assert_allclose(ours[name], hand[name], rtol=RTOL, err_msg=name)
+    assert abs(ours["loss"] - ref["loss"]) > SENSITIVE * ref["loss"]
+    with pytest.raises(ValueError, match="onestepode_cfg"):
+        distill.DistillConfig(guidance_embedding=True)
+
+
+def test_regularizer_options_are_validated():
+    with pytest.raises(ValueError, match="onestepode_cfg"):
+        distill.DistillConfig(regularizer_target="guided")
+    with pytest.raises(ValueError, match="regularizer_snr_gamma"):
+        distill.DistillConfig(regularizer_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="x0_regularizer_weight"):
+        distill.DistillConfig(x0_regularizer_weight=-1.0)
+    with pytest.raises(ValueError, match="objective='codi' only"):
+        distill.DistillConfig(objective="controlnet", regularizer_snr_gamma=1.0)
 
 
 def test_shared_timestep_is_one_timestep_per_batch(distinct):

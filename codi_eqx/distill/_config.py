@@ -13,6 +13,7 @@ DistillLoss = Literal["consistency_x", "consistency_epsilon"]
 GuidanceDraw = Literal["per_example", "per_batch_integer"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Objective = Literal["codi", "controlnet"]
+RegularizerTarget = Literal["data", "guided"]
 
 _CHOICES = {
     "objective": ("codi", "controlnet"),
@@ -22,6 +23,7 @@ _CHOICES = {
     "distill_loss": ("consistency_x", "consistency_epsilon"),
     "guidance_draw": ("per_example", "per_batch_integer"),
     "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "regularizer_target": ("data", "guided"),
 }
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,12 +59,31 @@ class DistillConfig:
     guidance_draw: GuidanceDraw = "per_example"
     """`per_example`: real-valued w per example; `per_batch_integer`: one integer w in
     [min, max) per batch, as the original drew it."""
+    guidance_embedding: bool = False
+    """Guidance-conditioned student (as LCM): the adapter has a zero-initialised guidance
+    embedding (`ControlNetModel.with_guidance_embedding`); w is drawn per example in
+    [distill_guidance_min, distill_guidance_max], the one-step teacher is guided at w (its
+    adapter given w = 1), and the online and target passes take `guidance_label(w)`, so that
+    sampling chooses w at one pass per step. Needs `onestepode_cfg`."""
     distill_loss: DistillLoss = "consistency_x"
     """Consistency term on the x (`consistency_x`) or eps (`consistency_epsilon`) outputs."""
     snr_gamma: Optional[float] = None
     """Weight the consistency term by min(snr_t, gamma) / snr_t (None: off)."""
     x0_regularizer_weight: float = 1.0
     """Weight of mean((online_x - x0)^2); 0 turns it off."""
+    regularizer_snr_gamma: Optional[float] = None
+    """Weight the regulariser by min(snr_t, gamma) / gamma (None: a constant weight). At
+    high noise (snr_t < gamma) the x-space error times snr_t is the noise-space error, so the
+    regulariser no longer pulls the student's high-noise outputs toward the unguided
+    posterior mean, and the guided teacher's trajectory reaches them through the consistency
+    term."""
+    regularizer_target: RegularizerTarget = "data"
+    """`data`: the regulariser regresses toward x0; `guided`: toward
+    x0 + (w - 1) (x_hat_cond - x_hat_uncond), the pretrained UNet's conditional and
+    unconditional x-hat at z_t (no adapter) and w the teacher step's scale (needs
+    `onestepode_cfg`). Given z_t its expectation is the guided denoiser's x-hat, so the term
+    that teaches the condition carries the guidance too. The direction comes from the frozen
+    UNet: taken from the adapter being trained, it feeds back into itself and grows."""
     distill_learning_steps: int = 50
     """N: the timestep grid has N points, k = T // N apart."""
     distill_timestep_scaling: float = 10.0
@@ -96,6 +117,17 @@ class DistillConfig:
             raise ValueError("distill_learning_steps must be at least 1")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError("snr_gamma must be positive")
+        if self.regularizer_snr_gamma is not None and self.regularizer_snr_gamma <= 0:
+            raise ValueError("regularizer_snr_gamma must be positive")
+        if self.x0_regularizer_weight < 0:
+            raise ValueError("x0_regularizer_weight must be at least 0")
+        if self.guidance_embedding and not self.onestepode_cfg:
+            raise ValueError("guidance_embedding trains the adapter to reproduce the guided "
+                             "teacher at w: set onestepode_cfg")
+        if self.regularizer_target == "guided" and not self.onestepode_cfg:
+            raise ValueError(
+                "regularizer_target='guided' takes the guidance direction from the guided "
+                "one-step teacher: set onestepode_cfg")
         if self.objective == "controlnet":
             for name in _CODI_ONLY:
                 value, default = getattr(self, name), _DEFAULTS[name]
@@ -108,9 +140,10 @@ class DistillConfig:
     @property
     def needs_frozen_unet(self) -> bool:
         """Whether the step reads the pretrained UNet (`Frozen.unet`): always in PE-CoDi; in
-        full CoDi only as the `uncontrol` one-step teacher (the trained UNet is in the
-        parameters)."""
-        return not self.full_codi or self.onestepode == "uncontrol"
+        full CoDi as the `uncontrol` one-step teacher and for the guided regulariser's
+        direction (the trained UNet is in the parameters)."""
+        return (not self.full_codi or self.onestepode == "uncontrol"
+                or self.regularizer_target == "guided")
 
     def replace(self, **kwargs) -> "DistillConfig":
         return dataclasses.replace(self, **kwargs)
@@ -120,7 +153,8 @@ class DistillConfig:
 _CODI_ONLY = (
     "full_codi", "cfg_aware_distill", "onestepode", "onestepode_control_params",
     "onestepode_cfg", "onestepode_true_noise", "distill_loss", "snr_gamma",
-    "x0_regularizer_weight", "shared_timestep",
+    "x0_regularizer_weight", "shared_timestep", "regularizer_snr_gamma", "regularizer_target",
+    "guidance_embedding",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 

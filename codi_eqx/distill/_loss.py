@@ -14,12 +14,19 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._model_output import guided_model_output
+from .._model_output import conditional_and_unconditional_outputs, guided_model_output
 from .._tree import cast_floating as cast_floating  # re-exported: its former home
-from ..diffusion import add_noise, consistency_output, distill_timestep, from_x_eps, to_x_eps
+from ..diffusion import (
+    add_noise,
+    consistency_output,
+    distill_timestep,
+    from_x_eps,
+    to_x_eps,
+)
 from ..models import (
     DiagonalGaussianDistribution,
     TextConditioning,
+    guidance_label,
     scale_latents,
     with_time_ids,
 )
@@ -57,16 +64,21 @@ def model_output(
 def guided_output(
     params: Optional[Trainable], frozen: Frozen, z, t, text, cond, cfg: DistillConfig,
     w: Optional[Float[Array, ""]], *, use_adapter: bool = True,
+    adapter_w: Optional[Float[Array, ""]] = None,
 ) -> Float[Array, "c h w"]:
     """F(c_null) + w (F(c_txt) - F(c_null)), both halves in one batched pass (conditional
     first, then unconditional); a plain conditional pass when `w` is None.
     `codi_eqx.sampling.guided_model_output` with the empty prompt's embedding as the
-    unconditional one."""
+    unconditional one. With `cfg.guidance_embedding` the adapter is given
+    `guidance_label(adapter_w)` (default 1)."""
     unet = _unet_of(params, frozen)
+    labels = None
+    if use_adapter and cfg.guidance_embedding:
+        labels = guidance_label(1.0 if adapter_w is None else adapter_w)
     return guided_model_output(
         unet, params.adapter if use_adapter else None, z, t, text, frozen.null_embedding,
         cond if cfg.distill_type == "conditional" else None, w, cfg.conditioning_scale,
-        dtype=_compute_dtype(unet, cfg),
+        dtype=_compute_dtype(unet, cfg), class_labels=labels,
     )
 
 
@@ -173,7 +185,7 @@ def teacher_is_online(cfg: DistillConfig) -> bool:
     with the current parameters (`onestepode control`, `onestepode_control_params online`)
     and the same guidance as the online pass."""
     return (cfg.onestepode == "control" and cfg.onestepode_control_params == "online"
-            and cfg.onestepode_cfg == cfg.cfg_aware_distill)
+            and cfg.onestepode_cfg == cfg.cfg_aware_distill and not cfg.guidance_embedding)
 
 
 def teacher_params(params: Trainable, ema: Trainable, cfg: DistillConfig) -> Optional[Trainable]:
@@ -196,6 +208,30 @@ def teacher_output(
     f = guided_output(teacher, frozen, z_t, t, text, cond, cfg,
                       w if cfg.onestepode_cfg else None, use_adapter=cfg.onestepode == "control")
     return jax.lax.stop_gradient(f)
+
+
+def pretrained_guidance_halves(
+    frozen: Frozen, z_t: Float[Array, "c h w"], t, text: TextConditioning, cfg: DistillConfig,
+) -> tuple[Float[Array, "c h w"], Float[Array, "c h w"]]:
+    """The pretrained UNet's conditional and unconditional outputs `(F_c, F_u)` at z_t (no
+    adapter, no gradient; one batch of two): the guidance direction of the guided regression
+    target. It comes from the frozen model, never from the adapter being trained, so that
+    the target cannot feed back into itself (an adapter that learns to follow the direction
+    would widen it at the next step)."""
+    unet = _unet_of(None, frozen)
+    f_c, f_u = conditional_and_unconditional_outputs(
+        unet, None, z_t, t, text, frozen.null_embedding, None, dtype=_compute_dtype(unet, cfg))
+    return jax.lax.stop_gradient(f_c), jax.lax.stop_gradient(f_u)
+
+
+def regularizer_weight(cfg: DistillConfig, snr_t: Float[Array, ""]) -> Float[Array, ""]:
+    """The regulariser's weight at a timestep of SNR `snr_t`: `x0_regularizer_weight`, times
+    min(snr_t, gamma) / gamma with `regularizer_snr_gamma` gamma."""
+    weight = jnp.asarray(cfg.x0_regularizer_weight, jnp.float32)
+    if cfg.regularizer_snr_gamma is None:
+        return weight
+    gamma = cfg.regularizer_snr_gamma
+    return weight * jnp.minimum(snr_t, gamma) / gamma
 
 
 def example_loss(
@@ -232,12 +268,19 @@ def example_loss(
     # 5. Online with the trained parameters (computed first: with `--onestepode control
     # --onestepode_control_params online` and the same guidance, the teacher's pass is this
     # pass without gradient, and is not computed twice).
-    f_online = guided_output(params, frozen, z_t, t, text, cond, cfg, w)
+    f_online = guided_output(params, frozen, z_t, t, text, cond, cfg, w, adapter_w=draws.w)
     xo_hat, eo_hat = to_x_eps(f_online, z_t, a_t, s_t, ptype)
     online_x = consistency_output(z_t, xo_hat, t, **scal)
     online_eps = consistency_output(z_t, eo_hat, t, **scal)
 
     # 3. One-step ODE (teacher step) from t to s, without gradient.
+    reg_target = x0
+    if cfg.regularizer_target == "guided":
+        # x0 + (w - 1) (x_hat_c - x_hat_u), the direction from the pretrained UNet.
+        f_c, f_u = pretrained_guidance_halves(frozen, z_t, t, text, cfg)
+        xc_hat, _ = to_x_eps(f_c, z_t, a_t, s_t, ptype)
+        xu_hat, _ = to_x_eps(f_u, z_t, a_t, s_t, ptype)
+        reg_target = x0 + (draws.w - 1.0) * (xc_hat - xu_hat)
     if share_passes and teacher_is_online(cfg):
         f_teacher = jax.lax.stop_gradient(f_online)
     else:
@@ -247,7 +290,8 @@ def example_loss(
         add_noise(x_hat, draws.noise if cfg.onestepode_true_noise else eps_hat, a_s, s_s))
 
     # 4. Target with the EMA parameters, without gradient.
-    f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w)
+    f_target = guided_output(jax.lax.stop_gradient(ema), frozen, z_s, s, text, cond, cfg, w,
+                             adapter_w=draws.w)
     xt_hat, et_hat = to_x_eps(f_target, z_s, a_s, s_s, ptype)
     target_x = consistency_output(z_s, xt_hat, s, **scal)
     target_eps = consistency_output(z_s, et_hat, s, **scal)
@@ -260,8 +304,8 @@ def example_loss(
     if cfg.snr_gamma is not None:
         snr = schedule.snr(t)
         consistency = consistency * jnp.minimum(snr, cfg.snr_gamma) / snr
-    regularizer = jnp.mean(jnp.square(online_x - x0))
-    loss = consistency + cfg.x0_regularizer_weight * regularizer
+    regularizer = jnp.mean(jnp.square(online_x - jax.lax.stop_gradient(reg_target)))
+    loss = consistency + regularizer_weight(cfg, schedule.snr(t)) * regularizer
     return loss, {
         "loss_consistency": consistency,
         "loss_regularizer": regularizer,

@@ -5,6 +5,7 @@ from ._clip import CLIPTextModel as CLIPTextModel
 from ._clip import CLIPTextModelWithProjection as CLIPTextModelWithProjection
 from ._controlnet import ControlNetConfig as ControlNetConfig
 from ._controlnet import ControlNetModel as ControlNetModel
+from ._controlnet import guidance_label as guidance_label
 from ._text_encoders import SDXLTextEncoders as SDXLTextEncoders
 from ._text_encoders import TextConditioning as TextConditioning
 from ._text_encoders import TextEncoder as TextEncoder

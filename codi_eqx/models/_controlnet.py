@@ -29,7 +29,12 @@ from ._unet import (
     check_supported,
     embed_time,
 )
-from ._unet_blocks import DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn
+from ._unet_blocks import (
+    DownBlock2D,
+    TimestepEmbedding,
+    UNetMidBlock2DCrossAttn,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,20 @@ class ControlNetConfig:
     """Channels of the condition encoder's stages (each after the first halves the size)."""
     controlnet_conditioning_channel_order: str = "rgb"
     """`rgb`, or `bgr` to flip the condition image's channels first."""
+    class_embed_type: Optional[str] = None
+    """`timestep`: a guidance embedding (diffusers' `class_embed_type="timestep"`): the
+    `class_labels` given to the adapter (`guidance_label(w)`) go through the timestep's
+    sinusoidal projection and an MLP (`class_embedding`), added to the time embedding. None:
+    no such embedding."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "ControlNetConfig":
         """From diffusers' ControlNet `config.json` (or this project's adapter config)."""
+        class_embed_type = d.get("class_embed_type")
+        if class_embed_type not in (None, "timestep"):
+            raise ValueError(f"ControlNet config: class_embed_type={class_embed_type!r} is not "
+                             "supported (expected None or 'timestep')")
+        d = {k: v for k, v in d.items() if k != "class_embed_type"}
         check_supported(d, "ControlNet")
         if d.get("global_pool_conditions", False):
             raise ValueError("ControlNet config: global_pool_conditions=True is not supported")
@@ -67,6 +82,7 @@ class ControlNetConfig:
                 d.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
             ),
             controlnet_conditioning_channel_order=order,
+            class_embed_type=class_embed_type,
         )
 
     def to_dict(self) -> dict:
@@ -87,6 +103,8 @@ class ControlNetConfig:
         d["conditioning_embedding_out_channels"] = list(self.conditioning_embedding_out_channels)
         d["controlnet_conditioning_channel_order"] = self.controlnet_conditioning_channel_order
         d["global_pool_conditions"] = False
+        if self.class_embed_type is not None:
+            d["class_embed_type"] = self.class_embed_type
         return d
 
     def replace(self, **kwargs) -> "ControlNetConfig":
@@ -144,13 +162,37 @@ def _zero_convs(cfg: UNet2DConditionConfig, *, dtype) -> tuple[Conv2d, ...]:
     return tuple(Conv2d(c, c, 1, zero_init=True, dtype=dtype, key=key) for c in channels)
 
 
+def _replace_fields(module: eqx.Module, **changes) -> eqx.Module:
+    """A copy of `module` with some fields replaced, static ones included (which
+    `eqx.tree_at` cannot reach), without running its `__init__`."""
+    new = object.__new__(type(module))
+    for f in dataclasses.fields(module):
+        object.__setattr__(new, f.name, changes.pop(f.name, getattr(module, f.name)))
+    if changes:
+        raise TypeError(f"no such fields: {', '.join(changes)}")
+    return new
+
+
+GUIDANCE_LABEL_SCALE = 100.0
+"""`guidance_label(w) = GUIDANCE_LABEL_SCALE * (w - 1)`: guidance scales 1 to 11 span the
+timestep range 0 to 1000 that the sinusoidal projection is made for."""
+
+
+def guidance_label(w: Union[float, Float[Array, ""]]) -> Float[Array, ""]:
+    """The `class_labels` value that selects guidance scale `w` in a guidance-conditioned
+    adapter (what diffusers' ControlNet is given as `class_labels`)."""
+    return GUIDANCE_LABEL_SCALE * (jnp.asarray(w, jnp.float32) - 1.0)
+
+
 class ControlNetModel(eqx.Module):
     """A copy of the UNet's encoder half whose outputs, through zero convolutions, become
-    residuals for the UNet's skip connections and mid block."""
+    residuals for the UNet's skip connections and mid block. A guidance-conditioned adapter
+    (`with_guidance_embedding`) also embeds the guidance scale it is asked to reproduce."""
 
     conv_in: Conv2d
     time_embedding: TimestepEmbedding
     add_embedding: Optional[TimestepEmbedding]
+    class_embedding: Optional[TimestepEmbedding]
     controlnet_cond_embedding: Optional[ControlNetConditioningEmbedding]
     down_blocks: tuple[DownBlock2D, ...]
     controlnet_down_blocks: tuple[Conv2d, ...]
@@ -172,6 +214,9 @@ class ControlNetModel(eqx.Module):
         )
         self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, key=k_t)
         self.add_embedding = add_embedding_of(cfg, dtype=dtype, key=jax.random.fold_in(k_t, 1))
+        self.class_embedding = (
+            TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, key=jax.random.fold_in(k_t, 2))
+            if config.class_embed_type == "timestep" else None)
         self.controlnet_cond_embedding = (
             ControlNetConditioningEmbedding(
                 c0, config.conditioning_channels, config.conditioning_embedding_out_channels,
@@ -248,6 +293,45 @@ class ControlNetModel(eqx.Module):
     def dtype(self):
         return self.conv_in.weight.dtype
 
+    @property
+    def guidance_conditioned(self) -> bool:
+        """Whether the adapter takes a guidance scale (`class_labels`)."""
+        return self.class_embedding is not None
+
+    def with_guidance_embedding(self, *, key: PRNGKeyArray) -> "ControlNetModel":
+        """This adapter with a new guidance embedding whose output layer is zero, so that it
+        computes exactly what this adapter computes for every guidance scale until trained."""
+        if self.class_embedding is not None:
+            raise ValueError("this adapter already has a guidance embedding")
+        cfg = self.config.unet
+        emb = TimestepEmbedding(cfg.block_out_channels[0], cfg.time_embed_dim, dtype=self.dtype,
+                                key=key)
+        emb = eqx.tree_at(lambda e: (e.linear_2.weight, e.linear_2.bias), emb,
+                          (jnp.zeros_like(emb.linear_2.weight), jnp.zeros_like(emb.linear_2.bias)))
+        return _replace_fields(self, class_embedding=emb,
+                               config=self.config.replace(class_embed_type="timestep"))
+
+    def guidance_embedding(self, class_labels) -> Float[Array, " t"]:
+        """The class embedding of `class_labels` (diffusers: `class_embedding(time_proj(x))`)."""
+        cfg = self.config.unet
+        proj = timestep_embedding(class_labels, cfg.block_out_channels[0],
+                                  flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        return self.class_embedding(proj.astype(self.dtype))
+
+    def fold_guidance_embedding(self, w: float) -> "ControlNetModel":
+        """A plain adapter that computes what this one computes at guidance scale `w`: the
+        embedding of `guidance_label(w)`, a constant, is folded into the time embedding's
+        output bias (for pipelines that give the ControlNet no class labels)."""
+        if self.class_embedding is None:
+            raise ValueError("this adapter has no guidance embedding to fold")
+        extra = self.guidance_embedding(guidance_label(w))
+        bias = self.time_embedding.linear_2.bias
+        time_embedding = eqx.tree_at(
+            lambda e: e.linear_2.bias, self.time_embedding,
+            (bias.astype(jnp.float32) + extra.astype(jnp.float32)).astype(bias.dtype))
+        return _replace_fields(self, time_embedding=time_embedding, class_embedding=None,
+                               config=self.config.replace(class_embed_type=None))
+
     @jax.named_scope("codi_eqx.ControlNetModel")
     def __call__(
         self,
@@ -258,6 +342,7 @@ class ControlNetModel(eqx.Module):
         *,
         conditioning_scale: Union[float, Float[Array, ""]] = 1.0,
         added_cond_kwargs: Optional[AddedCondKwargs] = None,
+        class_labels: Optional[Union[float, Float[Array, ""]]] = None,
     ) -> tuple[tuple[Float[Array, "..."], ...], Float[Array, "..."]]:
         """Arguments:
             sample: noisy latents `(C, h, w)`.
@@ -267,6 +352,8 @@ class ControlNetModel(eqx.Module):
                 adapter has a condition encoder, refused when it has none.
             conditioning_scale: multiplies every residual.
             added_cond_kwargs: SDXL's `text_embeds` and `time_ids` (as for the UNet).
+            class_labels: `guidance_label(w)` for a guidance-conditioned adapter (required
+                there, refused otherwise).
 
         Returns:
             `(down_residuals, mid_residual)` for `UNet2DConditionModel.__call__`.
@@ -280,6 +367,13 @@ class ControlNetModel(eqx.Module):
         context = encoder_hidden_states.astype(self.dtype)
         temb = embed_time(cfg, self.time_embedding, self.add_embedding, timestep,
                           added_cond_kwargs, self.dtype)
+        if (class_labels is None) != (self.class_embedding is None):
+            raise ValueError(
+                "this guidance-conditioned adapter needs class_labels (guidance_label(w))"
+                if class_labels is None else
+                "this adapter has no guidance embedding: pass class_labels=None")
+        if self.class_embedding is not None:
+            temb = temb + self.guidance_embedding(class_labels).astype(temb.dtype)
         x = self.conv_in(sample)
         if self.controlnet_cond_embedding is not None:
             cond = controlnet_cond

@@ -11,6 +11,7 @@ from ._generate import sampler_timesteps as sampler_timesteps
 from ._grid import image_grid as image_grid
 from ._options import SamplingOptions as SamplingOptions
 from ._options import contradictions as contradictions
+from ._options import default_guidance_scale as default_guidance_scale
 from ._options import sampling_options as sampling_options
 from ._samplers import codi_sample as codi_sample
 from ._samplers import ddim_sample as ddim_sample

@@ -32,11 +32,12 @@ from ..models import (
     TextConditioning,
     TextEncoder,
     UNet2DConditionModel,
+    guidance_label,
     sdxl_time_ids,
     with_time_ids,
 )
 from ..parallel import batch_sharding, make_mesh, replicate
-from ._options import SAMPLERS, sampling_options
+from ._options import SAMPLERS, default_guidance_scale, sampling_options
 from ._samplers import codi_step
 
 Sampler = Literal["codi", "ddim"]
@@ -143,11 +144,15 @@ def sampler_step_batch(
     """One sampler step for a batch, from timestep `t` to `s` (DDIM: to the previous
     timestep `s`; CoDi: re-noised to `s` unless `last`). The timesteps are traced, so a run
     compiles this once for all its steps."""
+    # A guidance-conditioned adapter reproduces guidance at `guidance_scale` in one pass.
+    conditioned = adapter is not None and adapter.guidance_conditioned
     w = guidance_scale if step.cfg else 1.0
+    labels = guidance_label(guidance_scale) if conditioned else None
 
     def one(c, u, img, zi):
         def model_fn(x, tt):
-            return guided_model_output(unet, adapter, x, tt, c, u, img, w, conditioning_scale)
+            return guided_model_output(unet, adapter, x, tt, c, u, img, w, conditioning_scale,
+                                       class_labels=labels)
 
         if step.sampler == "codi":
             return codi_step(model_fn, schedule, zi, t, s, last,
@@ -287,6 +292,7 @@ def generate(
     height: Optional[int] = None,
     width: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    timestep_spacing: Optional[str] = None,
 ) -> np.ndarray:
     """Sample images with CoDi's few-step sampler or the teacher's DDIM.
 
@@ -304,7 +310,9 @@ def generate(
     - `control_images`: `(H, W, 3)` or `(N, H, W, 3)` (one, or one per prompt), float in [0, 1]
       or uint8; required by an adapter with a condition encoder, refused otherwise.
     - `steps`: sampling steps (default 4 for `codi`, 50 for `ddim`).
-    - `guidance_scale`: `w` (default 1.0 for `codi`: a single conditional pass; 7.5 for `ddim`).
+    - `guidance_scale`: `w` (default: the adapter's recorded `sample_guidance_scale`, else
+      1.0 for `codi`, a single conditional pass, and 7.5 for `ddim`). A guidance-conditioned adapter (`ControlNetModel.guidance_conditioned`) takes
+      `w` through its guidance embedding, in one pass per step.
     - `sampler`: `"codi"` or `"ddim"` (default: the one `settings` names, else `codi`).
     - `seed`: the run's seed.
     - `num_images_per_prompt`: images per prompt.
@@ -319,6 +327,8 @@ def generate(
     - `height`, `width`: image size (default: the control image's, else the UNet's
       `sample_size` times the VAE factor); multiples of the VAE factor.
     - `progress`: called as `progress(batches_done, batches_total)` after each batch.
+    - `timestep_spacing`: DDIM's spacing (`leading`, `trailing`, `linspace`; default: the
+      model's scheduler config, as diffusers' `DDIMScheduler` reads it).
 
     **Returns:** images `(B, H, W, 3)`, uint8.
     """
@@ -333,7 +343,8 @@ def generate(
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
     steps = (4 if sampler == "codi" else 50) if steps is None else steps
-    guidance_scale = (1.0 if sampler == "codi" else 7.5) if guidance_scale is None else guidance_scale
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(settings, sampler)
     negatives = _as_list(negative_prompt, len(prompts), "negative prompt")
     factor = pipe.vae_scale_factor
 
@@ -358,13 +369,18 @@ def generate(
     if height % factor or width % factor:
         raise ValueError(f"image size {height}x{width} is not divisible by the VAE factor {factor}")
 
+    scheduler_config = dict(pipe.scheduler_config)
+    if timestep_spacing is not None:
+        scheduler_config["timestep_spacing"] = timestep_spacing
     timesteps, prev = sampler_timesteps(
-        sampler, steps, pipe.schedule, pipe.scheduler_config, opts.distill_learning_steps,
+        sampler, steps, pipe.schedule, scheduler_config, opts.distill_learning_steps,
         opts.prediction_type,
     )
     spec = SamplerSpec(
         sampler=sampler, timesteps=timesteps, prev_timesteps=prev,
-        cfg=float(guidance_scale) != 1.0,
+        # A guidance-conditioned adapter takes the scale as an input: one pass per step.
+        cfg=float(guidance_scale) != 1.0 and not (adapter is not None
+                                                  and adapter.guidance_conditioned),
         latent_shape=(pipe.unet.config.in_channels, height // factor, width // factor),
         timestep_scaling=opts.timestep_scaling,
         # SDXL: generated at the asked size, uncropped, as diffusers' pipeline conditions it.

@@ -50,6 +50,16 @@ def sampling_options(
     )
 
 
+def default_guidance_scale(settings: Optional[AdapterSettings], sampler: str) -> float:
+    """The guidance scale a run uses when none is given: the adapter's recorded
+    `sample_guidance_scale` (for the sampler it was recorded for), else 1.0 for `codi` (a
+    single conditional pass) and 7.5 for `ddim`."""
+    if (settings is not None and settings.sample_guidance_scale is not None
+            and sampler == settings.sampler):
+        return float(settings.sample_guidance_scale)
+    return 1.0 if sampler == "codi" else 7.5
+
+
 def contradictions(
     settings: Optional[AdapterSettings], options: SamplingOptions,
     guidance_scale: Optional[float] = None,
@@ -57,7 +67,8 @@ def contradictions(
     """`(option, value, recorded)` for each option of `options` (and `guidance_scale`) that
     goes against the adapter's record: another sampler or prediction type; another N or tau
     for the CoDi sampler; a guidance scale outside a guidance-aware adapter's training range
-    (`recorded` is then `(min, max)`). Empty without a record."""
+    or guidance-conditioned adapter's training range (`recorded` is then `(min, max)`). Empty
+    without a record."""
     if settings is None:
         return []
     found = []
@@ -73,6 +84,7 @@ def contradictions(
     if options.prediction_type != settings.prediction_type:
         found.append(("prediction_type", options.prediction_type, settings.prediction_type))
     lo, hi = settings.distill_guidance_min, settings.distill_guidance_max
-    if settings.cfg_aware_distill and guidance_scale is not None and not lo <= guidance_scale <= hi:
+    trained_on_range = settings.cfg_aware_distill or settings.guidance_embedding
+    if trained_on_range and guidance_scale is not None and not lo <= guidance_scale <= hi:
         found.append(("guidance_scale", guidance_scale, (lo, hi)))
     return found

@@ -25,6 +25,7 @@ from ..distill._config import (
     LRScheduler,
     Objective,
     OneStepODE,
+    RegularizerTarget,
 )
 from ..errors import UsageError
 
@@ -239,6 +240,21 @@ class TrainConfig:
     regularizer_weight: float = option(
         _DISTILL["x0_regularizer_weight"], help="Weight of the x0 regulariser (0: off).",
         panel=PANEL_DISTILL, aliases=("--x0_regularizer_weight",))
+    guidance_embedding: bool = option(
+        _DISTILL["guidance_embedding"], help="Guidance-conditioned student: w drawn in "
+        "[--distill_guidance_min, --distill_guidance_max] goes to the adapter through a "
+        "zero-initialised embedding, so that `codi sample --guidance_scale w` picks it at one "
+        "pass per step (needs --onestepode_cfg).", panel=PANEL_DISTILL)
+    sample_guidance_scale: float | None = option(
+        None, help="The guidance scale the trained adapter samples at by default (recorded "
+        "with it; default: the sampler's).", panel=PANEL_DISTILL)
+    regularizer_snr_gamma: float | None = option(
+        _DISTILL["regularizer_snr_gamma"], help="Weight the x0 regulariser by "
+        "min(snr_t, gamma) / gamma, so that it stops overriding the guided teacher at high "
+        "noise (None: constant).", panel=PANEL_DISTILL)
+    regularizer_target: RegularizerTarget = option(
+        _DISTILL["regularizer_target"], help="data (x0) or guided (x0 + (w - 1) times the "
+        "guided teacher's x-hat difference; needs --onestepode_cfg).", panel=PANEL_DISTILL)
     distill_timestep_scaling: float = option(
         _DISTILL["distill_timestep_scaling"], help="tau of the boundary scalings c_skip, "
         "c_out.", panel=PANEL_DISTILL)

@@ -180,6 +180,8 @@ class _Run:
         adapter = ControlNetModel.from_unet(
             pipe.unet, conditioning_channels=3 if config.distill_type == "conditional" else None,
             vae_scale_factor=pipe.vae_scale_factor, key=adapter_key)
+        if distill_cfg.guidance_embedding:
+            adapter = adapter.with_guidance_embedding(key=jax.random.fold_in(adapter_key, 1))
         # Full CoDi trains a float32 copy of the UNet (`init_train_state`); the pretrained one
         # stays in `Frozen` only where the step reads it (the `uncontrol` teacher).
         params = Trainable(adapter, unet=pipe.unet if config.full_codi else None)

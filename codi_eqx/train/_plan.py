@@ -254,5 +254,7 @@ def adapter_settings(config: TrainConfig, p: Plan, model_prediction_type: str):
         distill_guidance_min=config.distill_guidance_min,
         distill_guidance_max=config.distill_guidance_max, distill_type=config.distill_type,
         base_model=str(Path(given).resolve()) if Path(given).exists() else given,
+        guidance_embedding=config.guidance_embedding,
+        sample_guidance_scale=config.sample_guidance_scale,
     )
 
