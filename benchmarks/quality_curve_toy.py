@@ -36,7 +36,7 @@ RECIPES: dict[str, dict] = {
     "controlnet": {"objective": "controlnet", "proportion_empty_prompts": 0.5},
     "codi-edges": {},
     "codi-edges-reg-snr1": {"regularizer_snr_gamma": 1.0},
-    "codi-edges-guided-snr1": {"regularizer_target": "guided", "regularizer_snr_gamma": 1.0},
+    "codi-edges-guided": {"regularizer_target": "guided"},
     "codi-text": {"distill_type": "unconditional"},
 }
 """Changes to the built-in default (`TrainConfig` field names). `controlnet` is the ControlNet

@@ -57,8 +57,12 @@ def _run(out: Path, max_train_steps: Optional[int], steps: int, seed: int,
         # the demo takes none, so here it is a broken installation.
         raise CodiError(str(e)) from None
     s = report["scores"]
+    n = len(report["captions"])
     note(f"wrote {out / 'samples.png'} (rows: held-out edge maps; CoDi, {steps} steps; the "
          "teacher, 50 DDIM steps)")
-    note(f"caption adherence: CoDi {s['codi']['caption_adherence']:.0%}, teacher "
-         f"{s['teacher_ddim50']['caption_adherence']:.0%}; edge F1: CoDi "
+    ratio = s["caption_ratio"]
+    vs = ("" if ratio is None else f" (CoDi / teacher {ratio['estimate']:.2f}, 95 % interval "
+          f"{ratio['low']:.2f}-{ratio['high']:.2f})")
+    note(f"caption adherence on {n} held-out captions: CoDi {s['codi']['caption_adherence']:.0%}, "
+         f"teacher {s['teacher_ddim50']['caption_adherence']:.0%}{vs}; edge F1: CoDi "
          f"{s['codi']['edge_f1']:.2f}, teacher (no edge input) {s['teacher_ddim50']['edge_f1']:.2f}")

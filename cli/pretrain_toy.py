@@ -33,7 +33,9 @@ def pretrain_toy(
 ) -> None:
     """Pretrain the built-in teacher: a small Stable Diffusion (VAE, CLIP text encoder, UNet)
     trained on freshly drawn synthetic shapes with this project's models. The defaults are the
-    shipped teacher's recipe (about an hour on a 2-core CPU); the same seed reproduces it."""
+    shipped teacher's recipe (about an hour on a 2-core CPU); the same seed reproduces it.
+    An interrupted run continues from its last checkpoint (every 500 steps) when started
+    again with the same arguments, and ends with the same weights."""
     with reported_errors():
         if (output_dir / "model_index.json").exists():
             raise CodiUsageError(f"{output_dir} already holds a model: choose another folder")

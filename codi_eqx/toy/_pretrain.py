@@ -212,9 +212,50 @@ def denoising_loss(model: Denoiser, vae: AutoencoderKL, schedule: NoiseSchedule,
     return jnp.mean(jax.vmap(one)(images, ids, jax.random.split(key, images.shape[0])))
 
 
+CHECKPOINT = "denoiser-checkpoint"
+"""Phase 2's checkpoint inside the unfinished output (`.NAME.partial/`): `state.eqx` (model,
+EMA, optimiser state) and `state.json` (step, caption-dropout generator, recipe)."""
+
+
+def _save_denoiser_checkpoint(folder: Path, step: int, tree, rng: np.random.Generator,
+                              cfg: PretrainConfig) -> None:
+    """Write the checkpoint beside the old one, then swap them (never half-written)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    eqx.tree_serialise_leaves(tmp / "state.eqx", tree)
+    (tmp / "state.json").write_text(json.dumps(
+        {"step": step, "rng": rng.bit_generator.state, "recipe": dataclasses.asdict(cfg)}))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_denoiser_checkpoint(folder: Path, like, cfg: PretrainConfig, log: Callable[[str], None]):
+    """`(step, tree, rng state)` of a checkpoint made with the same recipe, else None."""
+    meta_file = folder / "state.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("recipe") != dataclasses.asdict(cfg):
+        log(f"ignoring {folder}: made with another recipe")
+        return None
+    return meta["step"], eqx.tree_deserialise_leaves(folder / "state.eqx", like), meta["rng"]
+
+
 def train_denoiser(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, *,
-                   progress: Optional[Callable[[int, dict], None]] = None) -> Denoiser:
-    """Phase 2: train the UNet and the text encoder together; returns their EMA."""
+                   progress: Optional[Callable[[int, dict], None]] = None,
+                   checkpoint_dir: Optional[Path] = None, checkpoint_every: int = 500,
+                   log: Optional[Callable[[str], None]] = None) -> Denoiser:
+    """Phase 2: train the UNet and the text encoder together; returns their EMA.
+
+    With `checkpoint_dir`, the state (model, EMA, optimiser, step, the caption-dropout
+    generator) is saved there every `checkpoint_every` steps, and a checkpoint found there
+    (made with the same recipe) is resumed: the data stream is replayed to its step, so that
+    an interrupted run ends with the weights of an uninterrupted one."""
+    log = log or (lambda _: None)
     k_unet, k_text, key = jax.random.split(jax.random.key(cfg.seed + 100), 3)
     model = Denoiser(
         UNet2DConditionModel(UNet2DConditionConfig.from_dict(TEACHER_UNET), key=k_unet),
@@ -244,7 +285,18 @@ def train_denoiser(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, *,
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="np").input_ids
     rng = np.random.default_rng([cfg.seed, 11])
     data = _shapes.batches(cfg.seed + 1000, cfg.unet_batch_size, "train")
-    for i in range(cfg.unet_steps):
+    start = 0
+    resumed = (None if checkpoint_dir is None else
+               _load_denoiser_checkpoint(checkpoint_dir, (model, ema, state), cfg, log))
+    if resumed is not None:
+        start, (model, ema, state), rng_state = resumed
+        rng.bit_generator.state = rng_state
+        for _ in range(start):  # the scenes are drawn from one stream: replay it
+            next(data)
+        log(f"resuming the UNet and text encoder at step {start} from {checkpoint_dir}")
+        if progress is not None:
+            progress(start, {"phase": "unet", "step": start, "loss": float("nan")})
+    for i in range(start, cfg.unet_steps):
         images, _, captions = next(data)
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS,
                         truncation=True, return_tensors="np").input_ids
@@ -256,6 +308,9 @@ def train_denoiser(cfg: PretrainConfig, vae: AutoencoderKL, tokenizer, *,
                                        jnp.float32(decay))
         if progress is not None:
             progress(1, {"phase": "unet", "step": i + 1, "loss": float(loss)})
+        if checkpoint_dir is not None and (i + 1) % checkpoint_every == 0 \
+                and i + 1 < cfg.unet_steps:
+            _save_denoiser_checkpoint(checkpoint_dir, i + 1, (model, ema, state), rng, cfg)
     return eqx.combine(ema, model)
 
 
@@ -277,10 +332,13 @@ def write_model_index(folder: Path) -> None:
 
 def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(), *,
                      progress: Optional[Callable[[int, dict], None]] = None,
-                     log: Optional[Callable[[str], None]] = None) -> Path:
+                     log: Optional[Callable[[str], None]] = None,
+                     checkpoint_every: int = 500) -> Path:
     """Train the whole teacher and write it to `folder` as a diffusers-format model
-    directory. A finished VAE in `folder/vae` (from an interrupted run with the same
-    VAE settings) is reused; the directory appears complete or not at all."""
+    directory. An interrupted run resumes: its finished VAE (same VAE settings) is reused
+    and the UNet and text encoder continue from their last checkpoint (every
+    `checkpoint_every` steps, same recipe), ending with the weights of an uninterrupted
+    run. The directory appears complete or not at all."""
     folder = Path(folder)
     work = folder.with_name(f".{folder.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -301,7 +359,9 @@ def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(),
         save_vae(vae, work / "vae")
     tokenizer = teacher_tokenizer(work / "tokenizer")
     t0 = time.perf_counter()
-    model = train_denoiser(cfg, vae, tokenizer, progress=progress)
+    model = train_denoiser(cfg, vae, tokenizer, progress=progress,
+                           checkpoint_dir=work / CHECKPOINT, checkpoint_every=checkpoint_every,
+                           log=log)
     timings["unet_and_text_seconds"] = round(time.perf_counter() - t0, 1)
     save_unet(model.unet, work / "unet")
     save_text_encoder(model.text_encoder, work / "text_encoder")
@@ -310,6 +370,7 @@ def pretrain_teacher(folder: str | Path, cfg: PretrainConfig = PretrainConfig(),
         {"recipe": dataclasses.asdict(cfg), **timings,
          "platform": jax.default_backend()}, indent=2) + "\n")
     (work / "recipe.json").unlink()
+    shutil.rmtree(work / CHECKPOINT, ignore_errors=True)
     if folder.exists():
         shutil.rmtree(folder)
     work.rename(folder)
