@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict] = {
     "guided": {"regularizer_target": "guided"},
     "guided-w3": {"regularizer_target": "guided", "distill_guidance_min": 3.0,
                   "distill_guidance_max": 3.0},
+    "guided-alpha": {"regularizer_target": "guided", "regularizer_guidance_scaling": "alpha"},
+    "gemb-guided-alpha": {"guidance_embedding": True, "regularizer_target": "guided",
+                          "regularizer_guidance_scaling": "alpha",
+                          "distill_guidance_min": 1.0, "distill_guidance_max": 6.0},
     "guided-full": {"regularizer_target": "guided", "full_codi": True},
     "full": {"full_codi": True},
     "gemb-guided": {"guidance_embedding": True, "regularizer_target": "guided",
@@ -49,7 +53,7 @@ VARIANTS: dict[str, dict] = {
 }
 """Changes to the shipped edge recipe (`TrainConfig` field names)."""
 
-SAMPLE_GUIDANCE = {"cfg-aware": 3.0, "gemb-guided": 4.0}
+SAMPLE_GUIDANCE = {"cfg-aware": 3.0, "gemb-guided": 4.0, "gemb-guided-alpha": 4.0}
 """Guidance at sampling for variants trained guidance-aware (two passes per step) or
 guidance-conditioned (one pass per step); the others sample unguided."""
 

@@ -135,8 +135,12 @@ def main(argv=None) -> int:
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             recipe["resume_from_checkpoint"] = "latest"
         t0 = time.perf_counter()
-        train(TrainConfig(output_dir=str(run), **recipe))
+        summary = train(TrainConfig(output_dir=str(run), **recipe))
         seconds = time.perf_counter() - t0
+        if summary["step"] < step:  # stopped early (SIGTERM saves and returns): no point
+            print(f"training stopped at step {summary['step']} before {step}; run again to "
+                  "continue", flush=True)
+            return 1
         snapshot = run / f"step-{step}"
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir()

@@ -375,7 +375,8 @@ def _by_hand(cfg: distill.DistillConfig, ex: dict, d, null, teacher: _Model, tar
     if cfg.regularizer_target == "guided":
         xc, _ = _convert(_forward(pretrained, z_t, t, text, None), z_t, a_t, s_t, ptype)
         xu, _ = _convert(_forward(pretrained, z_t, t, null, None), z_t, a_t, s_t, ptype)
-        reg_target = x0 + (w - 1.0) * (xc - xu)
+        scale = a_t if cfg.regularizer_guidance_scaling == "alpha" else 1.0
+        reg_target = x0 + (w - 1.0) * scale * (xc - xu)
     z_s = a_s * x_hat + s_s * (eps if cfg.onestepode_true_noise else eps_hat)
     xt, et = _convert(F(target, z_s, s, cfg.cfg_aware_distill), z_s, a_s, s_s, ptype)
     xo, eo = _convert(F(online, z_t, t, cfg.cfg_aware_distill), z_t, a_t, s_t, ptype)
@@ -630,6 +631,10 @@ def test_guided_regularizer_target_matches_the_formula(distinct, onestepode):
     cfg = _cfg(onestepode=onestepode, onestepode_cfg=True, regularizer_target="guided",
                distill_guidance_min=4.0, distill_guidance_max=4.0)
     guided = _check_against_hand(m, cfg, f"guided target {onestepode}")
+    scaled = _check_against_hand(m, cfg.replace(regularizer_guidance_scaling="alpha"),
+                                 "guided target, alpha-scaled")
+    assert abs(scaled["loss_regularizer"] - guided["loss_regularizer"]) > (
+        SENSITIVE * guided["loss_regularizer"])
     data = _check_against_hand(m, cfg.replace(regularizer_target="data"), "data target")
     assert guided["loss_consistency"] == pytest.approx(data["loss_consistency"], rel=1e-6)
     assert abs(guided["loss_regularizer"] - data["loss_regularizer"]) > (
@@ -696,6 +701,8 @@ def test_regularizer_options_are_validated():
         distill.DistillConfig(regularizer_target="guided")
     with pytest.raises(ValueError, match="regularizer_snr_gamma"):
         distill.DistillConfig(regularizer_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="regularizer_target='guided'"):
+        distill.DistillConfig(regularizer_guidance_scaling="alpha")
     with pytest.raises(ValueError, match="x0_regularizer_weight"):
         distill.DistillConfig(x0_regularizer_weight=-1.0)
     with pytest.raises(ValueError, match="objective='codi' only"):

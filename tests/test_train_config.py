@@ -99,7 +99,7 @@ NON_DEFAULT = {
     "distill_loss": "consistency_epsilon", "snr_gamma": 5.0, "regularizer_weight": 0.25,
     "distill_learning_steps": 20, "distill_timestep_scaling": 7.0, "shared_timestep": True,
     "full_codi": True, "regularizer_snr_gamma": 1.0, "regularizer_target": "guided",
-    "guidance_embedding": True,
+    "guidance_embedding": True, "regularizer_guidance_scaling": "alpha",
     # OptimConfig
     "lr_scheduler": "cosine", "lr_warmup_steps": 3, "adam_beta1": 0.8, "adam_beta2": 0.99,
     "adam_epsilon": 1e-6, "adam_weight_decay": 0.1, "max_grad_norm": 2.0, "ema_decay": 0.5,

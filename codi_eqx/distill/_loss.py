@@ -280,7 +280,10 @@ def example_loss(
         f_c, f_u = pretrained_guidance_halves(frozen, z_t, t, text, cfg)
         xc_hat, _ = to_x_eps(f_c, z_t, a_t, s_t, ptype)
         xu_hat, _ = to_x_eps(f_u, z_t, a_t, s_t, ptype)
-        reg_target = x0 + (draws.w - 1.0) * (xc_hat - xu_hat)
+        direction = xc_hat - xu_hat
+        if cfg.regularizer_guidance_scaling == "alpha":
+            direction = a_t * direction
+        reg_target = x0 + (draws.w - 1.0) * direction
     if share_passes and teacher_is_online(cfg):
         f_teacher = jax.lax.stop_gradient(f_online)
     else:

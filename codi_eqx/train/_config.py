@@ -24,6 +24,7 @@ from ..distill._config import (
     GuidanceDraw,
     LRScheduler,
     Objective,
+    GuidanceDirectionScaling,
     OneStepODE,
     RegularizerTarget,
 )
@@ -240,6 +241,9 @@ class TrainConfig:
     regularizer_weight: float = option(
         _DISTILL["x0_regularizer_weight"], help="Weight of the x0 regulariser (0: off).",
         panel=PANEL_DISTILL, aliases=("--x0_regularizer_weight",))
+    regularizer_guidance_scaling: GuidanceDirectionScaling = option(
+        _DISTILL["regularizer_guidance_scaling"], help="none, or alpha: the guided target's "
+        "direction times alpha_t (about constant in size over t).", panel=PANEL_DISTILL)
     guidance_embedding: bool = option(
         _DISTILL["guidance_embedding"], help="Guidance-conditioned student: w drawn in "
         "[--distill_guidance_min, --distill_guidance_max] goes to the adapter through a "
