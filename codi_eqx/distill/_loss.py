@@ -18,6 +18,7 @@ from .._model_output import conditional_and_unconditional_outputs, guided_model_
 from .._tree import cast_floating as cast_floating  # re-exported: its former home
 from ..diffusion import (
     add_noise,
+    classifier_free_guidance,
     consistency_output,
     distill_timestep,
     from_x_eps,
@@ -284,7 +285,10 @@ def example_loss(
         if cfg.regularizer_guidance_scaling == "alpha":
             direction = a_t * direction
         reg_target = x0 + (draws.w - 1.0) * direction
-    if share_passes and teacher_is_online(cfg):
+    if cfg.regularizer_target == "guided" and cfg.onestepode == "uncontrol":
+        # The guided teacher step is the same UNet's same two halves: not computed twice.
+        f_teacher = classifier_free_guidance(f_u, f_c, draws.w)
+    elif share_passes and teacher_is_online(cfg):
         f_teacher = jax.lax.stop_gradient(f_online)
     else:
         f_teacher = teacher_output(params, ema, frozen, z_t, t, text, cond, cfg, draws.w)
