@@ -621,7 +621,8 @@ def test_regularizer_snr_gamma_weights_the_regularizer_by_min_snr_gamma_over_gam
                         "regularizer snr gamma")
 
 
-@pytest.mark.parametrize("onestepode", ["control", "uncontrol"])
+@pytest.mark.parametrize("onestepode", [
+    "control", pytest.param("uncontrol", marks=pytest.mark.slow)])
 def test_guided_regularizer_target_matches_the_formula(distinct, onestepode):
     """`regularizer_target='guided'`: the regulariser regresses toward
     x0 + (w - 1) (x_hat_c - x_hat_u) of the pretrained UNet alone at z_t, whatever the
@@ -647,6 +648,7 @@ def test_guided_regularizer_target_matches_the_formula(distinct, onestepode):
               m.examples["conditional"], m.key, m.batch_key)["loss_regularizer"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_guided_regularizer_target_in_full_codi_takes_the_pretrained_direction(distinct):
     """In full CoDi the trained UNet moves; the guided target's direction stays the
     pretrained UNet's (`Frozen.unet`)."""
